@@ -1,0 +1,45 @@
+"""safehold.client: a small typed client for safehold.v1.BackupService."""
+
+from safehold.client.client import (
+    BackupResult,
+    Client,
+    Progress,
+    RestoreResult,
+    ServerInfo,
+    TlsOptions,
+)
+from safehold.client.errors import (
+    AuthenticationFailed,
+    BackupFailed,
+    Busy,
+    ConnectionFailed,
+    EngineMismatch,
+    IncompleteBackup,
+    IntegrityError,
+    InvalidBackup,
+    LimitExceeded,
+    RestoreFailed,
+    SafeholdError,
+    VersionMismatch,
+)
+
+__all__ = [
+    "AuthenticationFailed",
+    "BackupFailed",
+    "BackupResult",
+    "Busy",
+    "Client",
+    "ConnectionFailed",
+    "EngineMismatch",
+    "IncompleteBackup",
+    "IntegrityError",
+    "InvalidBackup",
+    "LimitExceeded",
+    "Progress",
+    "RestoreFailed",
+    "RestoreResult",
+    "SafeholdError",
+    "ServerInfo",
+    "TlsOptions",
+    "VersionMismatch",
+]

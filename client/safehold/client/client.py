@@ -1,0 +1,415 @@
+"""A typed client over the generated stubs, used as a context manager.
+
+    with Client("127.0.0.1:50051", password) as client:
+        client.backup("app.dump")
+        client.restore("app.dump")
+
+Backups stream straight to a temp file that is renamed only once the
+trailer's size and SHA-256 match; restores stream from disk. Nothing is held
+whole in memory. Connecting, and calls that have not moved a byte yet, are
+retried; anything else is not, since a half-sent restore must not be re-sent
+silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO, TypeVar
+
+import grpc
+import tenacity
+
+from safehold.client.errors import (
+    ConnectionFailed,
+    EngineMismatch,
+    IncompleteBackup,
+    InvalidBackup,
+    SafeholdError,
+    from_rpc_error,
+)
+from safehold.contract import PASSWORD_METADATA_KEY, DatabaseState
+from safehold.files import atomic_path
+from safehold.formats import engine_label, engine_of, sniff_file
+from safehold.v1 import backup_service_pb2 as pb
+from safehold.v1 import backup_service_pb2_grpc as pb_grpc
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+UPLOAD_CHUNK_BYTES = 1024 * 1024
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """Trust `ca` for the server (system roots if None); present cert/key when set."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a call is: phase is a RestorePhase name without its prefix, or BACKUP."""
+
+    phase: str
+    bytes_done: int
+    bytes_total: int | None
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What the server guards."""
+
+    engine: str
+    engine_version: str
+    database_name: str
+    database_size_bytes: int
+    safehold_version: str
+    tool_versions: dict[str, str]
+    max_upload_bytes: int
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    """A verified backup on disk."""
+
+    path: Path
+    size_bytes: int
+    sha256: str
+    engine: str
+    engine_version: str
+    database_name: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    """A finished restore."""
+
+    engine: str
+    bytes_restored: int
+    pre_restore_backup_path: str
+    duration: timedelta
+    notices: list[tuple[str, str]] = field(default_factory=list)
+
+
+ProgressCallback = Callable[[Progress], None]
+NoticeCallback = Callable[[str, str], None]
+
+
+class Client:
+    """One connection to a safehold server. Close it, or use it in a `with` block."""
+
+    def __init__(
+        self,
+        target: str | None = None,
+        password: str | None = None,
+        *,
+        tls: TlsOptions | None = None,
+        connect_timeout: float = 10.0,
+        attempts: int = 4,
+    ) -> None:
+        self.target = target or os.environ.get("SAFEHOLD_TARGET") or DEFAULT_TARGET
+        password = password if password is not None else os.environ.get("SAFEHOLD_PASSWORD")
+        if not password:
+            raise ValueError("no password: pass password= or set SAFEHOLD_PASSWORD")
+        self._metadata = ((PASSWORD_METADATA_KEY, password),)
+        self._connect_timeout = connect_timeout
+        self._attempts = attempts
+        self._channel = _channel(self.target, tls)
+        self._stub = pb_grpc.BackupServiceStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def server_info(self) -> ServerInfo:
+        """Engine, versions and database of the server."""
+
+        def call() -> ServerInfo:
+            reply = self._call(
+                lambda: self._stub.GetServerInfo(
+                    pb.GetServerInfoRequest(),
+                    metadata=self._metadata,
+                    timeout=self._connect_timeout,
+                    wait_for_ready=True,
+                )
+            )
+            return ServerInfo(
+                engine=engine_label(reply.engine),
+                engine_version=reply.engine_version,
+                database_name=reply.database_name,
+                database_size_bytes=reply.database_size_bytes,
+                safehold_version=reply.safehold_version,
+                tool_versions=dict(reply.tool_versions),
+                max_upload_bytes=reply.max_upload_bytes,
+            )
+
+        return self._retrying(call)
+
+    def backup(
+        self,
+        dest: str | os.PathLike[str],
+        *,
+        compression_level: int | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> BackupResult:
+        """Save a complete backup to dest (a file, or a directory to put the
+        server's suggested name in). dest appears only once verified."""
+        dest = Path(dest)
+        request = pb.BackupRequest(compression_level=compression_level)
+        return self._retrying(lambda: self._backup_once(dest, request, on_progress))
+
+    def restore(
+        self,
+        src: str | os.PathLike[str],
+        *,
+        allow_version_mismatch: bool = False,
+        terminate_blocking_sessions: bool = False,
+        on_progress: ProgressCallback | None = None,
+        on_notice: NoticeCallback | None = None,
+    ) -> RestoreResult:
+        """Replace the server's database with the backup at src.
+
+        Refuses, before sending a byte, a file that is no backup or is for
+        another engine than the server's.
+        """
+        src = Path(src)
+        with open(src, "rb") as f:
+            engine = engine_of(sniff_file(f))
+        if engine == pb.ENGINE_UNSPECIFIED:
+            raise InvalidBackup(
+                f"{src} is not a backup (neither a SQLite file nor a pg_dump archive or script); "
+                "nothing was sent",
+                database_state=DatabaseState.UNCHANGED,
+            )
+        info = self.server_info()
+        if info.engine != engine_label(engine):
+            raise EngineMismatch(
+                f"{src} is a {engine_label(engine)} backup but the server's database is "
+                f"{info.engine}; nothing was sent",
+                database_state=DatabaseState.UNCHANGED,
+            )
+        header = pb.RestoreHeader(
+            engine=engine,
+            expected_size_bytes=src.stat().st_size,
+            allow_version_mismatch=allow_version_mismatch,
+            terminate_blocking_sessions=terminate_blocking_sessions,
+        )
+        return self._retrying(lambda: self._restore_once(src, header, on_progress, on_notice))
+
+    def _backup_once(
+        self, dest: Path, request: pb.BackupRequest, on_progress: ProgressCallback | None
+    ) -> BackupResult:
+        responses = self._stub.Backup(request, metadata=self._metadata, wait_for_ready=True)
+        try:
+            first = self._call(lambda: next(responses, None))
+            if first is None or first.WhichOneof("frame") != "manifest":
+                raise IncompleteBackup("the server's backup stream did not start with a manifest")
+            manifest = first.manifest
+            if dest.is_dir():
+                dest = dest / _safe_name(manifest.suggested_file_name)
+            with atomic_path(dest) as tmp, open(tmp, "wb") as out:
+                size, digest = self._receive_backup(responses, out, on_progress)
+            result = BackupResult(
+                path=dest,
+                size_bytes=size,
+                sha256=digest,
+                engine=engine_label(manifest.engine),
+                engine_version=manifest.engine_version,
+                database_name=manifest.database_name,
+                created_at=manifest.created_at.ToDatetime(),
+            )
+            _write_sidecar(result, manifest)
+            return result
+        finally:
+            responses.cancel()
+
+    def _receive_backup(
+        self,
+        responses: Iterator[pb.BackupResponse],
+        out: BinaryIO,
+        on_progress: ProgressCallback | None,
+    ) -> tuple[int, str]:
+        """Write chunks to out until the trailer; raise unless it matches."""
+        digest = hashlib.sha256()
+        size = 0
+        for response in _iterate(responses):
+            kind = response.WhichOneof("frame")
+            if kind == "chunk":
+                out.write(response.chunk)
+                digest.update(response.chunk)
+                size += len(response.chunk)
+                if on_progress:
+                    on_progress(Progress("BACKUP", size, None))
+            elif kind == "trailer":
+                trailer = response.trailer
+                if trailer.size_bytes != size or not hmac.compare_digest(
+                    trailer.sha256, digest.digest()
+                ):
+                    raise IncompleteBackup(
+                        f"the backup's trailer does not match what arrived ({size} bytes); "
+                        "the partial file was deleted"
+                    )
+                return size, digest.hexdigest()
+            else:
+                raise IncompleteBackup(f"unexpected {kind} frame in the backup stream")
+        raise IncompleteBackup(
+            f"the backup stream ended after {size} bytes without a trailer; "
+            "the partial file was deleted"
+        )
+
+    def _restore_once(
+        self,
+        src: Path,
+        header: pb.RestoreHeader,
+        on_progress: ProgressCallback | None,
+        on_notice: NoticeCallback | None,
+    ) -> RestoreResult:
+        upload = _Upload(src, header)
+        responses = self._stub.Restore(iter(upload), metadata=self._metadata, wait_for_ready=True)
+        notices: list[tuple[str, str]] = []
+        try:
+            for response in _iterate(responses):
+                kind = response.WhichOneof("frame")
+                if kind == "progress" and on_progress:
+                    p = response.progress
+                    on_progress(Progress(
+                        pb.RestorePhase.Name(p.phase).removeprefix("RESTORE_PHASE_"),
+                        p.bytes_done,
+                        p.bytes_total if p.HasField("bytes_total") else None,
+                    ))
+                elif kind == "notice":
+                    notices.append((response.notice.reason, response.notice.message))
+                    if on_notice:
+                        on_notice(response.notice.reason, response.notice.message)
+                elif kind == "result":
+                    r = response.result
+                    return RestoreResult(
+                        engine=engine_label(r.engine),
+                        bytes_restored=r.bytes_restored,
+                        pre_restore_backup_path=r.pre_restore_backup_path,
+                        duration=r.duration.ToTimedelta(),
+                        notices=notices,
+                    )
+        except ConnectionFailed as err:
+            err.retryable = not upload.sent_data
+            raise
+        finally:
+            responses.cancel()
+        raise SafeholdError(
+            "the server ended the restore without a result; the database state is unknown: "
+            "check the server log",
+            database_state=DatabaseState.UNKNOWN,
+        )
+
+    def _retrying(self, call: Callable[[], T]) -> T:
+        """Retry what cannot have changed anything yet: unreachable server,
+        or a call that failed before any data moved."""
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(_safe_to_retry),
+            stop=tenacity.stop_after_attempt(self._attempts),
+            wait=tenacity.wait_exponential(multiplier=0.2, max=3),
+            reraise=True,
+        )
+        return retrying(call)
+
+    @staticmethod
+    def _call(fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+
+class _Upload:
+    """The request frames of a restore, read from disk as they are sent."""
+
+    def __init__(self, src: Path, header: pb.RestoreHeader) -> None:
+        self._src = src
+        self._header = header
+        self.sent_data = False
+
+    def __iter__(self) -> Iterator[pb.RestoreRequest]:
+        yield pb.RestoreRequest(header=self._header)
+        digest = hashlib.sha256()
+        size = 0
+        with open(self._src, "rb") as f:
+            while chunk := f.read(UPLOAD_CHUNK_BYTES):
+                digest.update(chunk)
+                size += len(chunk)
+                self.sent_data = True
+                yield pb.RestoreRequest(chunk=chunk)
+        yield pb.RestoreRequest(trailer=pb.Digest(size_bytes=size, sha256=digest.digest()))
+
+
+def _iterate(responses: Iterator[T]) -> Iterator[T]:
+    """The responses of a stream, with gRPC errors turned into SafeholdErrors."""
+    try:
+        yield from responses
+    except grpc.RpcError as err:
+        raise from_rpc_error(err) from None
+
+
+def _safe_to_retry(exc: BaseException) -> bool:
+    return (
+        isinstance(exc, ConnectionFailed)
+        and exc.retryable
+        and exc.code == grpc.StatusCode.UNAVAILABLE
+    )
+
+
+def _channel(target: str, tls: TlsOptions | None) -> grpc.Channel:
+    options: Sequence[tuple[str, int]] = [
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_permit_without_calls", 0),
+    ]
+    if tls is None:
+        return grpc.insecure_channel(target, options=options)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=tls.ca.read_bytes() if tls.ca else None,
+        private_key=tls.key.read_bytes() if tls.key else None,
+        certificate_chain=tls.cert.read_bytes() if tls.cert else None,
+    )
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def _safe_name(suggested: str) -> str:
+    """The server's suggested file name, never a path out of the directory."""
+    name = Path(suggested).name
+    return name if name and not name.startswith(".") else "safehold-backup"
+
+
+def _write_sidecar(result: BackupResult, manifest: pb.BackupManifest) -> None:
+    """A small JSON beside the backup, so a file found later says what it is."""
+    sidecar = result.path.with_name(result.path.name + ".manifest.json")
+    with atomic_path(sidecar) as tmp:
+        tmp.write_text(json.dumps({
+            "engine": result.engine,
+            "engine_version": result.engine_version,
+            "dump_format": pb.DumpFormat.Name(manifest.dump_format),
+            "database_name": result.database_name,
+            "created_at": result.created_at.isoformat() + "Z",
+            "safehold_version": manifest.safehold_version,
+            "size_bytes": result.size_bytes,
+            "sha256": result.sha256,
+        }, indent=2) + "\n")
+

@@ -1,0 +1,138 @@
+"""The errors a safehold call can end with, as a hierarchy to catch by kind.
+
+Each carries the server's ErrorInfo reason and what happened to the database,
+so a caller can branch on `reason` and tell an operator whether anything
+changed without parsing text.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from safehold.contract import (
+    DATABASE_STATE_KEY,
+    PRE_RESTORE_PATH_KEY,
+    DatabaseState,
+    Reason,
+)
+
+
+class SafeholdError(Exception):
+    """Base of every error the client raises."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str = Reason.INTERNAL,
+        code: grpc.StatusCode | None = None,
+        database_state: DatabaseState | None = None,
+        pre_restore_path: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+        self.code = code
+        self.database_state = database_state
+        self.pre_restore_path = pre_restore_path
+
+
+class ConnectionFailed(SafeholdError):
+    """The server could not be reached, or went away; check --target and that it runs.
+
+    `retryable` is False once a restore has sent data: re-sending it silently
+    could run a restore twice, so the caller decides.
+    """
+
+    retryable = True
+
+
+class AuthenticationFailed(SafeholdError):
+    """The password was missing or wrong."""
+
+
+class EngineMismatch(SafeholdError):
+    """The backup is for another engine than the server's database."""
+
+
+class VersionMismatch(SafeholdError):
+    """The backup's engine version cannot, or should not, be restored here."""
+
+
+class InvalidBackup(SafeholdError):
+    """The upload is not a backup, or is incomplete, or its frames are out of order."""
+
+
+class IntegrityError(SafeholdError):
+    """Bytes were lost or changed in transit: size or SHA-256 do not match."""
+
+
+class Busy(SafeholdError):
+    """Another restore is running, or the database is locked: retry later."""
+
+
+class LimitExceeded(SafeholdError):
+    """The upload is over the server's limit, or the server ran out of space."""
+
+
+class RestoreFailed(SafeholdError):
+    """The engine could not apply the backup; database_state says what is left."""
+
+
+class BackupFailed(SafeholdError):
+    """The server could not produce a backup; nothing was written to the destination."""
+
+
+class IncompleteBackup(SafeholdError):
+    """The backup stream ended without a valid trailer; the partial file was deleted."""
+
+
+_BY_REASON: dict[str, type[SafeholdError]] = {
+    Reason.UNAUTHENTICATED: AuthenticationFailed,
+    Reason.ENGINE_MISMATCH: EngineMismatch,
+    Reason.VERSION_MISMATCH: VersionMismatch,
+    Reason.NOT_A_BACKUP: InvalidBackup,
+    Reason.TRUNCATED_UPLOAD: InvalidBackup,
+    Reason.BAD_FRAME: InvalidBackup,
+    Reason.INVALID_REQUEST: InvalidBackup,
+    Reason.SIZE_MISMATCH: IntegrityError,
+    Reason.CHECKSUM_MISMATCH: IntegrityError,
+    Reason.RESTORE_IN_PROGRESS: Busy,
+    Reason.DATABASE_BUSY: Busy,
+    Reason.UPLOAD_TOO_LARGE: LimitExceeded,
+    Reason.SPOOL_FAILED: LimitExceeded,
+    Reason.RESTORE_FAILED: RestoreFailed,
+    Reason.ROLLBACK_FAILED: RestoreFailed,
+    Reason.BACKUP_FAILED: BackupFailed,
+    Reason.SHUTTING_DOWN: ConnectionFailed,
+}
+
+_BY_CODE: dict[grpc.StatusCode, type[SafeholdError]] = {
+    grpc.StatusCode.UNAVAILABLE: ConnectionFailed,
+    grpc.StatusCode.DEADLINE_EXCEEDED: ConnectionFailed,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationFailed,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: LimitExceeded,
+}
+
+
+def from_rpc_error(error: grpc.RpcError) -> SafeholdError:
+    """The SafeholdError for a failed call, read from its google.rpc.Status details."""
+    code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
+    message: str = error.details() or code.name  # type: ignore[attr-defined]
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    for detail in status.details if status else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            state = info.metadata.get(DATABASE_STATE_KEY)
+            return _BY_REASON.get(info.reason, SafeholdError)(
+                message,
+                reason=info.reason,
+                code=code,
+                database_state=DatabaseState(state) if state in DatabaseState else None,
+                pre_restore_path=info.metadata.get(PRE_RESTORE_PATH_KEY),
+            )
+    if code == grpc.StatusCode.UNAVAILABLE:
+        message = f"cannot reach the safehold server: {message}"
+    return _BY_CODE.get(code, SafeholdError)(message, reason=code.name, code=code)

@@ -1,0 +1,59 @@
+"""What the contract says beyond protos/: metadata keys and error reasons.
+
+Errors travel as google.rpc.Status with an ErrorInfo; clients branch on its
+reason and on `database_state`, never on message text. Server and client both
+import these names so the two sides cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import enum
+
+PASSWORD_METADATA_KEY = "x-database-password"
+"""gRPC metadata key that carries the database password on every call."""
+
+ERROR_DOMAIN = "safehold.v1"
+"""ErrorInfo.domain of every error safehold raises."""
+
+DATABASE_STATE_KEY = "database_state"
+"""ErrorInfo.metadata key: a DatabaseState value."""
+
+PRE_RESTORE_PATH_KEY = "pre_restore_backup_path"
+"""ErrorInfo.metadata key: where the pre-restore backup is, when one was taken."""
+
+SERVICE_NAME = "safehold.v1.BackupService"
+
+
+class DatabaseState(enum.StrEnum):
+    """What a failed call did to the database."""
+
+    UNCHANGED = "UNCHANGED"
+    """Nothing was written, or everything written was rolled back."""
+    RESTORED_FROM_PRE_RESTORE_BACKUP = "RESTORED_FROM_PRE_RESTORE_BACKUP"
+    """The restore failed half-way and the pre-restore backup was put back."""
+    UNKNOWN = "UNKNOWN"
+    """Rollback failed too: inspect the database; the pre-restore backup is named."""
+
+
+class Reason(enum.StrEnum):
+    """ErrorInfo.reason values."""
+
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    ENGINE_MISMATCH = "ENGINE_MISMATCH"
+    VERSION_MISMATCH = "VERSION_MISMATCH"
+    NOT_A_BACKUP = "NOT_A_BACKUP"
+    TRUNCATED_UPLOAD = "TRUNCATED_UPLOAD"
+    BAD_FRAME = "BAD_FRAME"
+    INVALID_REQUEST = "INVALID_REQUEST"
+    SIZE_MISMATCH = "SIZE_MISMATCH"
+    CHECKSUM_MISMATCH = "CHECKSUM_MISMATCH"
+    RESTORE_IN_PROGRESS = "RESTORE_IN_PROGRESS"
+    UPLOAD_TOO_LARGE = "UPLOAD_TOO_LARGE"
+    SPOOL_FAILED = "SPOOL_FAILED"
+    DATABASE_BUSY = "DATABASE_BUSY"
+    RESTORE_FAILED = "RESTORE_FAILED"
+    ROLLBACK_FAILED = "ROLLBACK_FAILED"
+    BACKUP_FAILED = "BACKUP_FAILED"
+    CANCELLED = "CANCELLED"
+    SHUTTING_DOWN = "SHUTTING_DOWN"
+    INTERNAL = "INTERNAL"

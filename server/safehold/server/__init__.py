@@ -1,0 +1,1 @@
+"""The safehold server: serves safehold.v1.BackupService over gRPC."""

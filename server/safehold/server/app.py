@@ -1,0 +1,143 @@
+"""`safehold serve`: build the gRPC server, run it, stop it gracefully.
+
+SIGTERM and Ctrl-C stop accepting calls, mark health NOT_SERVING, give
+running calls a grace period and then cancel them; every call cleans up its
+own temp files and child processes on the way out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sqlite3
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from safehold.contract import SERVICE_NAME
+from safehold.server import config as config_module
+from safehold.server import logs
+from safehold.server.auth import PasswordInterceptor
+from safehold.server.config import Config, SqliteTarget
+from safehold.server.engines import open_engine
+from safehold.server.servicer import BackupServicer
+from safehold.server.spool import check_writable, remove_leftovers
+from safehold.v1 import backup_service_pb2 as pb
+from safehold.v1 import backup_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+GRACE_SECONDS = 30.0
+"""How long running calls may go on after a stop signal before they are cancelled."""
+MAX_WORKERS = 32
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `safehold serve`."""
+    config_module.add_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM or SIGINT; the exit code for the CLI."""
+    logs.configure(json_lines=bool(args.log_json))
+    try:
+        config = config_module.load(args)
+        logs.configure(json_lines=config.log_json)
+        _prepare(config)
+    except (config_module.ConfigError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    server, servicer, health_servicer, port = build(config)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    server.start()
+    log.info("safehold listening on %s (port %d), database %s", config.listen, port,
+             _describe_target(config))
+    stop.wait()
+    log.info("stopping: refusing new calls, %ss grace for running ones", GRACE_SECONDS)
+    health_servicer.enter_graceful_shutdown()
+    servicer.begin_shutdown()
+    server.stop(GRACE_SECONDS).wait()
+    log.info("stopped")
+    return 0
+
+
+def build(config: Config) -> tuple[grpc.Server, BackupServicer, health.HealthServicer, int]:
+    """A bound, not yet started server with the service, health and reflection."""
+    engine = open_engine(config)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="safehold"),
+        interceptors=[PasswordInterceptor(config.password)],
+        maximum_concurrent_rpcs=MAX_WORKERS,
+    )
+    servicer = BackupServicer(engine, config)
+    pb_grpc.add_BackupServiceServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (
+            pb.DESCRIPTOR.services_by_name["BackupService"].full_name,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    port = _bind(server, config)
+    return server, servicer, health_servicer, port
+
+
+def _bind(server: grpc.Server, config: Config) -> int:
+    credentials = None
+    if config.tls:
+        client_ca = config.tls.client_ca.read_bytes() if config.tls.client_ca else None
+        credentials = grpc.ssl_server_credentials(
+            [(config.tls.key.read_bytes(), config.tls.cert.read_bytes())],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
+        )
+    try:
+        port = (
+            server.add_secure_port(config.listen, credentials)
+            if credentials is not None
+            else server.add_insecure_port(config.listen)
+        )
+    except RuntimeError:
+        port = 0
+    if not port:
+        raise OSError(f"cannot listen on {config.listen}")
+    return port
+
+
+def _prepare(config: Config) -> None:
+    """Check what would otherwise fail at the first call, and clean up after a crash."""
+    check_writable(config.spool_dir)
+    remove_leftovers(config.spool_dir)
+    if isinstance(config.target, SqliteTarget):
+        _ensure_sqlite_file(config.target.path, config.data_dir)
+
+
+def _ensure_sqlite_file(path: Path, data_dir: Path) -> None:
+    """The embedded default database is created on first start; a configured one
+    must exist, so that a typo in a path cannot become a new empty database."""
+    if path.exists():
+        return
+    if path != data_dir / config_module.EMBEDDED_SQLITE_NAME:
+        raise OSError(f"no SQLite database at {path}")
+    log.info("creating the embedded SQLite database %s", path)
+    sqlite3.connect(path).close()
+    path.chmod(0o600)
+
+
+def _describe_target(config: Config) -> str:
+    target = config.target
+    if isinstance(target, SqliteTarget):
+        return f"sqlite {target.path}"
+    return f"postgresql {target.user}@{target.host}:{target.port}/{target.dbname}"

@@ -1,0 +1,106 @@
+"""The small interface every database engine implements, and how to pick one.
+
+The servicer only frames streams; everything that knows about pg_dump or
+SQLite pages lives behind this interface, one module per engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from safehold.server.config import Config, PostgresTarget
+from safehold.v1 import backup_service_pb2 as pb
+
+CHUNK_BYTES = 1024 * 1024
+"""Size of a stream chunk: large enough to amortise per-message cost, far under 4 MiB."""
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something the operator should know, sent to the caller and logged."""
+
+    reason: str
+    message: str
+
+
+Notify = Callable[[Notice], None]
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What GetServerInfo reports and a backup manifest carries."""
+
+    version: str
+    database_name: str
+    size_bytes: int
+    tool_versions: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    """The caller's choices for one restore, from its header."""
+
+    allow_version_mismatch: bool = False
+    terminate_blocking_sessions: bool = False
+
+
+class Engine(Protocol):
+    """One database, backed up and restored with its engine's own tools."""
+
+    kind: pb.Engine.ValueType
+    dump_format: pb.DumpFormat.ValueType
+    """The format backup() produces."""
+    file_suffix: str
+    """File name suffix of that format, e.g. `.sqlite`."""
+
+    def info(self) -> EngineInfo:
+        """Describe the engine and the database."""
+        ...
+
+    def backup(self, compression_level: int | None) -> AbstractContextManager[Iterator[bytes]]:
+        """A consistent snapshot as chunks. Entering may raise before any byte exists
+        (e.g. a version check); iteration raises BackupFailed instead of ending when
+        the snapshot did not complete. Leaving releases everything it started."""
+        ...
+
+    def snapshot(self, dest: Path) -> None:
+        """Write a complete backup to dest, atomically (temp file, then rename), mode 0600."""
+        ...
+
+    def inspect(self, path: Path, options: RestoreOptions) -> list[Notice]:
+        """Check that the file at path is a backup this engine can restore.
+
+        Raises EngineMismatch, NotABackup or VersionMismatch; returns what the
+        caller should be told even though the restore may go ahead.
+        """
+        ...
+
+    def restore(self, path: Path, options: RestoreOptions, notify: Notify) -> None:
+        """Replace the whole database with the inspected backup at path.
+
+        Either everything is replaced or nothing is: an engine that rolled back
+        raises a SafeholdError with database UNCHANGED. Any other exception
+        means the engine cannot vouch for the database's state.
+        """
+        ...
+
+
+def read_chunks(stream: BinaryIO) -> Iterator[bytes]:
+    """Full CHUNK_BYTES pieces of a file or pipe until its end."""
+    while chunk := stream.read(CHUNK_BYTES):
+        yield chunk
+
+
+def open_engine(config: Config) -> Engine:
+    """The engine that config's database URL names."""
+    if isinstance(config.target, PostgresTarget):
+        from safehold.server.engines.postgres import PostgresEngine
+
+        return PostgresEngine(config.target, config.password, config.lock_timeout_seconds)
+    from safehold.server.engines.sqlite import SqliteEngine
+
+    return SqliteEngine(config.target, config.spool_dir, config.lock_timeout_seconds)

@@ -1,0 +1,312 @@
+"""Frames safehold.v1.BackupService streams around an engine.
+
+Backup: manifest, chunks, trailer. Restore: header, spool, verify, pre-restore
+backup, replace, result. Every failure leaves as a SafeholdError status with
+an ErrorInfo; nothing else reaches the caller.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import threading
+import time
+from datetime import timedelta
+from collections.abc import Callable, Iterator
+from importlib.metadata import version
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from safehold.contract import DatabaseState
+from safehold.formats import engine_label
+from safehold.server.config import Config
+from safehold.server.engines import Engine, Notice, RestoreOptions
+from safehold.server.errors import (
+    BadFrame,
+    Cancelled,
+    EngineMismatch,
+    InvalidRequest,
+    RestoreFailed,
+    RestoreInProgress,
+    RollbackFailed,
+    SafeholdError,
+    ShuttingDown,
+    TruncatedUpload,
+    UploadTooLarge,
+)
+from safehold.server.gate import ReadWriteGate
+from safehold.server.spool import Spool
+from safehold.v1 import backup_service_pb2 as pb
+from safehold.v1 import backup_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SAFEHOLD_VERSION = version("safehold")
+PROGRESS_EVERY_BYTES = 8 * 1024 * 1024
+"""How often the receiving phase reports progress."""
+
+Response = TypeVar("Response")
+
+
+def _reports_errors(
+    method: Callable[..., Iterator[Response]],
+) -> Callable[..., Iterator[Response]]:
+    """End the call with the rich status of any error the stream raises."""
+
+    @functools.wraps(method)
+    def wrapper(self: BackupServicer, request: object, context: grpc.ServicerContext
+                ) -> Iterator[Response]:
+        try:
+            yield from method(self, request, context)
+        except SafeholdError as err:
+            log.warning("%s failed: %s [%s]", method.__name__, err.describe(), err.reason)
+            context.abort_with_status(err.to_status())
+        except Exception:
+            log.exception("%s failed unexpectedly", method.__name__)
+            context.abort_with_status(
+                SafeholdError("internal error; the server log has the details").to_status()
+            )
+
+    return wrapper
+
+
+class BackupServicer(pb_grpc.BackupServiceServicer):
+    """Serves one engine; holds the restore lock and the backup/restore gate."""
+
+    def __init__(self, engine: Engine, config: Config) -> None:
+        self._engine = engine
+        self._config = config
+        self._restore_lock = threading.Lock()
+        self._gate = ReadWriteGate()
+        self._stopping = threading.Event()
+
+    def begin_shutdown(self) -> None:
+        """Refuse new work; running calls finish within the server's grace period."""
+        self._stopping.set()
+
+    def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
+    ) -> pb.GetServerInfoResponse:
+        return next(self._server_info(request, context))
+
+    @_reports_errors
+    def _server_info(
+        self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.GetServerInfoResponse]:
+        info = self._engine.info()
+        yield pb.GetServerInfoResponse(
+            engine=self._engine.kind,
+            engine_version=info.version,
+            database_name=info.database_name,
+            database_size_bytes=info.size_bytes,
+            safehold_version=SAFEHOLD_VERSION,
+            tool_versions=info.tool_versions,
+            max_upload_bytes=self._config.max_upload_bytes,
+        )
+
+    @_reports_errors
+    def Backup(
+        self, request: pb.BackupRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.BackupResponse]:
+        self._refuse_when_stopping()
+        level = request.compression_level if request.HasField("compression_level") else None
+        if level is not None and not 0 <= level <= 9:
+            raise InvalidRequest(f"compression_level must be 0-9, not {level}")
+        started = time.monotonic()
+        with self._gate.reading(self._config.lock_timeout_seconds), self._engine.backup(
+            level
+        ) as chunks:
+            info = self._engine.info()
+            created = timestamp_pb2.Timestamp()
+            created.GetCurrentTime()
+            stamp = created.ToDatetime().strftime("%Y%m%dT%H%M%SZ")
+            log.info("backup of %s started", info.database_name)
+            yield pb.BackupResponse(
+                manifest=pb.BackupManifest(
+                    engine=self._engine.kind,
+                    engine_version=info.version,
+                    dump_format=self._engine.dump_format,
+                    safehold_version=SAFEHOLD_VERSION,
+                    database_name=info.database_name,
+                    created_at=created,
+                    suggested_file_name=f"{info.database_name}-{stamp}{self._engine.file_suffix}",
+                )
+            )
+            digest = hashlib.sha256()
+            size = 0
+            for chunk in chunks:
+                digest.update(chunk)
+                size += len(chunk)
+                yield pb.BackupResponse(chunk=chunk)
+        log.info(
+            "backup of %s finished: %d bytes, sha256 %s, %.1fs",
+            info.database_name, size, digest.hexdigest(), time.monotonic() - started,
+        )
+        yield pb.BackupResponse(trailer=pb.Digest(size_bytes=size, sha256=digest.digest()))
+
+    @_reports_errors
+    def Restore(
+        self, request_iterator: Iterator[pb.RestoreRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.RestoreResponse]:
+        self._refuse_when_stopping()
+        started = time.monotonic()
+        header = self._read_header(request_iterator)
+        options = RestoreOptions(
+            allow_version_mismatch=header.allow_version_mismatch,
+            terminate_blocking_sessions=header.terminate_blocking_sessions,
+        )
+        if not self._restore_lock.acquire(blocking=False):
+            raise RestoreInProgress("another restore is running; try again when it has finished")
+        try:
+            log.info("restore started from %s", context.peer())
+            with Spool(self._config.spool_dir, self._config.max_upload_bytes) as spool:
+                yield from self._receive(request_iterator, spool, header)
+                yield _phase(pb.RESTORE_PHASE_VERIFYING, spool.size, spool.size)
+                for notice in self._engine.inspect(spool.path, options):
+                    yield _notice(notice)
+                log.info("upload verified: %d bytes", spool.size)
+
+                pre_restore = self._pre_restore_path()
+                yield _phase(pb.RESTORE_PHASE_PRE_RESTORE_BACKUP, 0)
+                self._engine.snapshot(pre_restore)
+                yield _notice(Notice(
+                    "PRE_RESTORE_BACKUP",
+                    f"the database as it was before this restore is saved at {pre_restore}",
+                ))
+
+                yield _phase(pb.RESTORE_PHASE_RESTORING, 0, spool.size)
+                notices: list[Notice] = []
+                with self._gate.writing(self._config.lock_timeout_seconds):
+                    self._replace(spool.path, options, pre_restore, notices)
+                for notice in notices:
+                    yield _notice(notice)
+                elapsed = duration_pb2.Duration()
+                elapsed.FromTimedelta(timedelta(seconds=time.monotonic() - started))
+                log.info("restore finished: %d bytes in %.1fs", spool.size, elapsed.ToTimedelta().total_seconds())
+                yield _phase(pb.RESTORE_PHASE_DONE, spool.size, spool.size)
+                yield pb.RestoreResponse(result=pb.RestoreResult(
+                    engine=self._engine.kind,
+                    bytes_restored=spool.size,
+                    pre_restore_backup_path=str(pre_restore),
+                    duration=elapsed,
+                ))
+        finally:
+            self._restore_lock.release()
+
+    def _refuse_when_stopping(self) -> None:
+        if self._stopping.is_set():
+            raise ShuttingDown("the server is shutting down; retry against its replacement")
+
+    def _read_header(self, requests: Iterator[pb.RestoreRequest]) -> pb.RestoreHeader:
+        first = _next_frame(requests)
+        if first is None:
+            raise TruncatedUpload("the upload ended before its header")
+        if first.WhichOneof("frame") != "header":
+            raise BadFrame("the first frame of a restore must be its header")
+        header = first.header
+        if header.engine not in (pb.ENGINE_UNSPECIFIED, self._engine.kind):
+            raise EngineMismatch(
+                f"the backup is for {engine_label(header.engine)}, but this server's "
+                f"database is {engine_label(self._engine.kind)}"
+            )
+        limit = self._config.max_upload_bytes
+        if limit and header.HasField("expected_size_bytes") and header.expected_size_bytes > limit:
+            raise UploadTooLarge(
+                f"the backup is {header.expected_size_bytes} bytes, over this server's "
+                f"limit of {limit} bytes (--max-upload-bytes)"
+            )
+        return header
+
+    def _receive(
+        self, requests: Iterator[pb.RestoreRequest], spool: Spool, header: pb.RestoreHeader
+    ) -> Iterator[pb.RestoreResponse]:
+        """Spool chunks until the trailer, then check it; report progress on the way."""
+        total = header.expected_size_bytes if header.HasField("expected_size_bytes") else None
+        yield _phase(pb.RESTORE_PHASE_RECEIVING, 0, total)
+        reported = 0
+        while (request := _next_frame(requests)) is not None:
+            kind = request.WhichOneof("frame")
+            if kind == "chunk":
+                spool.write(request.chunk)
+                if spool.size - reported >= PROGRESS_EVERY_BYTES:
+                    reported = spool.size
+                    yield _progress(pb.RESTORE_PHASE_RECEIVING, spool.size, total)
+            elif kind == "trailer":
+                if _next_frame(requests) is not None:
+                    raise BadFrame("a frame followed the trailer; the trailer must be last")
+                spool.finish(request.trailer)
+                yield _progress(pb.RESTORE_PHASE_RECEIVING, spool.size, total)
+                return
+            else:
+                raise BadFrame(f"unexpected {kind or 'empty'} frame while receiving chunks")
+        raise TruncatedUpload(
+            f"the upload ended after {spool.size} bytes without a trailer: it is incomplete"
+        )
+
+    def _replace(
+        self, path: Path, options: RestoreOptions, pre_restore: Path, notices: list[Notice]
+    ) -> None:
+        """Restore; when the engine cannot vouch for what it left, put the
+        pre-restore backup back and say which of the two happened."""
+        try:
+            self._engine.restore(path, options, notices.append)
+        except SafeholdError as err:
+            err.pre_restore_path = str(pre_restore)
+            raise
+        except Exception as exc:
+            log.exception("restore failed part-way; putting the pre-restore backup back")
+            try:
+                self._engine.restore(
+                    pre_restore, RestoreOptions(allow_version_mismatch=True), notices.append
+                )
+            except Exception:
+                log.exception("putting the pre-restore backup back failed too")
+                raise RollbackFailed(
+                    f"the restore failed ({exc}) and so did putting the pre-restore backup back",
+                    database=DatabaseState.UNKNOWN,
+                    pre_restore_path=str(pre_restore),
+                ) from None
+            raise RestoreFailed(
+                f"the restore failed: {exc}",
+                database=DatabaseState.RESTORED_FROM_PRE_RESTORE_BACKUP,
+                pre_restore_path=str(pre_restore),
+            ) from None
+
+    def _pre_restore_path(self) -> Path:
+        return self._config.pre_restore_path or (
+            self._config.data_dir / f"pre-restore{self._engine.file_suffix}"
+        )
+
+
+def _next_frame(requests: Iterator[pb.RestoreRequest]) -> pb.RestoreRequest | None:
+    """The next frame, None at the end of the stream; a vanished client is Cancelled."""
+    try:
+        return next(requests, None)
+    except grpc.RpcError:
+        raise Cancelled("the client went away during the upload") from None
+
+
+def _phase(
+    phase: pb.RestorePhase.ValueType, done: int, total: int | None = None
+) -> pb.RestoreResponse:
+    """Progress that starts a phase, logged so the operator can follow along."""
+    log.info("restore phase %s", pb.RestorePhase.Name(phase).removeprefix("RESTORE_PHASE_"))
+    return _progress(phase, done, total)
+
+
+def _progress(
+    phase: pb.RestorePhase.ValueType, done: int, total: int | None = None
+) -> pb.RestoreResponse:
+    return pb.RestoreResponse(
+        progress=pb.RestoreProgress(phase=phase, bytes_done=done, bytes_total=total)
+    )
+
+
+def _notice(notice: Notice) -> pb.RestoreResponse:
+    log.info("restore notice %s: %s", notice.reason, notice.message)
+    return pb.RestoreResponse(notice=pb.RestoreNotice(reason=notice.reason,
+                                                      message=notice.message))
