@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 
-PASSWORD_METADATA_KEY = "x-database-password"
+PASSWORD_METADATA_KEY = "x-database-password"  # noqa: S105 - a key name, not a secret
 """gRPC metadata key that carries the database password on every call."""
 
 ERROR_DOMAIN = "safehold.v1"

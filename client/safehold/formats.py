@@ -39,10 +39,9 @@ def sniff(head: bytes) -> pb.DumpFormat.ValueType:
         return pb.DUMP_FORMAT_SQLITE_FILE
     if head.startswith(_PG_CUSTOM_MAGIC):
         return pb.DUMP_FORMAT_PG_CUSTOM
-    if (
-        head[_TAR_MAGIC_OFFSET : _TAR_MAGIC_OFFSET + len(_TAR_MAGIC)] == _TAR_MAGIC
-        and head.startswith(b"toc.dat\x00")
-    ):
+    if head[
+        _TAR_MAGIC_OFFSET : _TAR_MAGIC_OFFSET + len(_TAR_MAGIC)
+    ] == _TAR_MAGIC and head.startswith(b"toc.dat\x00"):
         return pb.DUMP_FORMAT_PG_TAR
     if _PG_PLAIN.match(head) or _SQL_START.match(head):
         return pb.DUMP_FORMAT_PG_PLAIN

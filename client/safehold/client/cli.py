@@ -48,12 +48,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _backup(client: Client, args: argparse.Namespace) -> int:
     progress = _progress_display()
-    result = client.backup(args.output, compression_level=args.compression_level,
-                           on_progress=progress)
+    result = client.backup(
+        args.output, compression_level=args.compression_level, on_progress=progress
+    )
     if progress:
         progress.finish()
-    print(f"backup of {result.database_name} ({result.engine} {result.engine_version}) "
-          f"saved to {result.path}: {result.size_bytes} bytes, sha256 {result.sha256}")
+    print(
+        f"backup of {result.database_name} ({result.engine} {result.engine_version}) "
+        f"saved to {result.path}: {result.size_bytes} bytes, sha256 {result.sha256}"
+    )
     return 0
 
 
@@ -77,9 +80,11 @@ def _restore(client: Client, args: argparse.Namespace) -> int:
     )
     if progress:
         progress.finish()
-    print(f"restored {result.bytes_restored} bytes into the {result.engine} database in "
-          f"{result.duration.total_seconds():.1f}s; the previous content is saved at "
-          f"{result.pre_restore_backup_path}")
+    print(
+        f"restored {result.bytes_restored} bytes into the {result.engine} database in "
+        f"{result.duration.total_seconds():.1f}s; the previous content is saved at "
+        f"{result.pre_restore_backup_path}"
+    )
     return 0
 
 
@@ -100,11 +105,15 @@ def _info(client: Client, args: argparse.Namespace) -> int:
 
 def _confirm(client: Client, file: Path) -> bool:
     if not sys.stdin.isatty():
-        raise ValueError("restore replaces the whole database: pass --yes to confirm "
-                         "when not on a terminal; the database is unchanged")
+        raise ValueError(
+            "restore replaces the whole database: pass --yes to confirm "
+            "when not on a terminal; the database is unchanged"
+        )
     info = client.server_info()
-    answer = input(f"Replace the whole {info.engine} database {info.database_name!r} on "
-                   f"{client.target} with {file}? [y/N] ")
+    answer = input(
+        f"Replace the whole {info.engine} database {info.database_name!r} on "
+        f"{client.target} with {file}? [y/N] "
+    )
     return answer.strip().lower() in ("y", "yes")
 
 
@@ -152,30 +161,50 @@ def _parser() -> argparse.ArgumentParser:
 
     client_options = argparse.ArgumentParser(add_help=False)
     client_options.add_argument(
-        "--target", default=None,
-        help=f"server address, default $SAFEHOLD_TARGET or {DEFAULT_TARGET}")
-    client_options.add_argument("--tls", action="store_true",
-                                help="use TLS, trusting the system's CAs")
+        "--target",
+        default=None,
+        help=f"server address, default $SAFEHOLD_TARGET or {DEFAULT_TARGET}",
+    )
+    client_options.add_argument(
+        "--tls", action="store_true", help="use TLS, trusting the system's CAs"
+    )
     client_options.add_argument("--tls-ca", type=Path, help="CA that signed the server's cert")
     client_options.add_argument("--tls-cert", type=Path, help="client certificate")
     client_options.add_argument("--tls-key", type=Path, help="client certificate's key")
 
     backup = verbs.add_parser("backup", parents=[client_options], help="save a backup")
-    backup.add_argument("-o", "--output", type=Path, default=Path("."),
-                        help="file or directory to write, default: the server's suggested "
-                        "name in the current directory")
-    backup.add_argument("--compression-level", type=int, choices=range(10), metavar="0-9",
-                        help="pg_dump compression level (PostgreSQL only)")
+    backup.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("."),
+        help="file or directory to write, default: the server's suggested "
+        "name in the current directory",
+    )
+    backup.add_argument(
+        "--compression-level",
+        type=int,
+        choices=range(10),
+        metavar="0-9",
+        help="pg_dump compression level (PostgreSQL only)",
+    )
     backup.set_defaults(run=_backup)
 
-    restore = verbs.add_parser("restore", parents=[client_options],
-                               help="replace the database with a backup")
+    restore = verbs.add_parser(
+        "restore", parents=[client_options], help="replace the database with a backup"
+    )
     restore.add_argument("file", type=Path)
     restore.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    restore.add_argument("--allow-version-mismatch", action="store_true",
-                         help="restore a backup from another engine major version")
-    restore.add_argument("--terminate-blocking-sessions", action="store_true",
-                         help="PostgreSQL: end sessions that hold locks instead of failing")
+    restore.add_argument(
+        "--allow-version-mismatch",
+        action="store_true",
+        help="restore a backup from another engine major version",
+    )
+    restore.add_argument(
+        "--terminate-blocking-sessions",
+        action="store_true",
+        help="PostgreSQL: end sessions that hold locks instead of failing",
+    )
     restore.set_defaults(run=_restore)
 
     info = verbs.add_parser("info", parents=[client_options], help="describe the server")

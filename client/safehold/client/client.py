@@ -26,7 +26,6 @@ from typing import BinaryIO, TypeVar
 
 import grpc
 import tenacity
-
 from safehold.client.errors import (
     ConnectionFailed,
     EngineMismatch,
@@ -219,7 +218,8 @@ class Client:
     def _backup_once(
         self, dest: Path, request: pb.BackupRequest, on_progress: ProgressCallback | None
     ) -> BackupResult:
-        responses = self._stub.Backup(request, metadata=self._metadata, wait_for_ready=True)
+        call = self._stub.Backup(request, metadata=self._metadata, wait_for_ready=True)
+        responses = iter(call)
         try:
             first = self._call(lambda: next(responses, None))
             if first is None or first.WhichOneof("frame") != "manifest":
@@ -241,7 +241,7 @@ class Client:
             _write_sidecar(result, manifest)
             return result
         finally:
-            responses.cancel()
+            call.cancel()  # type: ignore[no-untyped-call]
 
     def _receive_backup(
         self,
@@ -285,18 +285,21 @@ class Client:
         on_notice: NoticeCallback | None,
     ) -> RestoreResult:
         upload = _Upload(src, header)
-        responses = self._stub.Restore(iter(upload), metadata=self._metadata, wait_for_ready=True)
+        call = self._stub.Restore(iter(upload), metadata=self._metadata, wait_for_ready=True)
+        responses = iter(call)
         notices: list[tuple[str, str]] = []
         try:
             for response in _iterate(responses):
                 kind = response.WhichOneof("frame")
                 if kind == "progress" and on_progress:
                     p = response.progress
-                    on_progress(Progress(
-                        pb.RestorePhase.Name(p.phase).removeprefix("RESTORE_PHASE_"),
-                        p.bytes_done,
-                        p.bytes_total if p.HasField("bytes_total") else None,
-                    ))
+                    on_progress(
+                        Progress(
+                            pb.RestorePhase.Name(p.phase).removeprefix("RESTORE_PHASE_"),
+                            p.bytes_done,
+                            p.bytes_total if p.HasField("bytes_total") else None,
+                        )
+                    )
                 elif kind == "notice":
                     notices.append((response.notice.reason, response.notice.message))
                     if on_notice:
@@ -314,7 +317,7 @@ class Client:
             err.retryable = not upload.sent_data
             raise
         finally:
-            responses.cancel()
+            call.cancel()  # type: ignore[no-untyped-call]
         raise SafeholdError(
             "the server ended the restore without a result; the database state is unknown: "
             "check the server log",
@@ -402,14 +405,19 @@ def _write_sidecar(result: BackupResult, manifest: pb.BackupManifest) -> None:
     """A small JSON beside the backup, so a file found later says what it is."""
     sidecar = result.path.with_name(result.path.name + ".manifest.json")
     with atomic_path(sidecar) as tmp:
-        tmp.write_text(json.dumps({
-            "engine": result.engine,
-            "engine_version": result.engine_version,
-            "dump_format": pb.DumpFormat.Name(manifest.dump_format),
-            "database_name": result.database_name,
-            "created_at": result.created_at.isoformat() + "Z",
-            "safehold_version": manifest.safehold_version,
-            "size_bytes": result.size_bytes,
-            "sha256": result.sha256,
-        }, indent=2) + "\n")
-
+        tmp.write_text(
+            json.dumps(
+                {
+                    "engine": result.engine,
+                    "engine_version": result.engine_version,
+                    "dump_format": pb.DumpFormat.Name(manifest.dump_format),
+                    "database_name": result.database_name,
+                    "created_at": result.created_at.isoformat() + "Z",
+                    "safehold_version": manifest.safehold_version,
+                    "size_bytes": result.size_bytes,
+                    "sha256": result.sha256,
+                },
+                indent=2,
+            )
+            + "\n"
+        )

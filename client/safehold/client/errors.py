@@ -10,7 +10,6 @@ from __future__ import annotations
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-
 from safehold.contract import (
     DATABASE_STATE_KEY,
     PRE_RESTORE_PATH_KEY,
@@ -119,8 +118,8 @@ _BY_CODE: dict[grpc.StatusCode, type[SafeholdError]] = {
 
 def from_rpc_error(error: grpc.RpcError) -> SafeholdError:
     """The SafeholdError for a failed call, read from its google.rpc.Status details."""
-    code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
-    message: str = error.details() or code.name  # type: ignore[attr-defined]
+    code: grpc.StatusCode = error.code()
+    message: str = error.details() or code.name
     status = rpc_status.from_call(error)  # type: ignore[arg-type]
     for detail in status.details if status else ():
         info = error_details_pb2.ErrorInfo()

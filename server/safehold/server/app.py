@@ -18,7 +18,6 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
 from safehold.contract import SERVICE_NAME
 from safehold.server import config as config_module
 from safehold.server import logs
@@ -57,8 +56,12 @@ def run(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     server.start()
-    log.info("safehold listening on %s (port %d), database %s", config.listen, port,
-             _describe_target(config))
+    log.info(
+        "safehold listening on %s (port %d), database %s",
+        config.listen,
+        port,
+        _describe_target(config),
+    )
     stop.wait()
     log.info("stopping: refusing new calls, %ss grace for running ones", GRACE_SECONDS)
     health_servicer.enter_graceful_shutdown()

@@ -10,10 +10,9 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
-
 from safehold.contract import PASSWORD_METADATA_KEY, SERVICE_NAME
 from safehold.server.errors import Unauthenticated
 
@@ -22,10 +21,16 @@ log = logging.getLogger(__name__)
 _MAX_PASSWORD_BYTES = 4096
 """Longer metadata values are refused without comparing them."""
 
-Continuation = Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None]
+if TYPE_CHECKING:  # grpc-stubs makes these generic; grpc itself does not
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    Interceptor = grpc.ServerInterceptor[Any, Any]
+else:
+    Handler = grpc.RpcMethodHandler
+    Interceptor = grpc.ServerInterceptor
+Continuation = Callable[[grpc.HandlerCallDetails], "Handler | None"]
 
 
-class PasswordInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class PasswordInterceptor(Interceptor):
     """Refuses BackupService calls whose x-database-password is missing or wrong."""
 
     def __init__(self, password: str) -> None:
@@ -33,7 +38,7 @@ class PasswordInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> Handler | None:
         handler = continuation(handler_call_details)
         method: str = handler_call_details.method
         if handler is None or not method.startswith(f"/{SERVICE_NAME}/"):
@@ -53,7 +58,7 @@ class PasswordInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         return hmac.compare_digest(presented, self._expected)
 
 
-def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _refusal(handler: Handler) -> Handler:
     """A handler of the same shape as `handler` that ends the call UNAUTHENTICATED."""
     status = Unauthenticated(
         f"missing or wrong password: send it in the {PASSWORD_METADATA_KEY} metadata"

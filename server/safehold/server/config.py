@@ -72,32 +72,58 @@ class Config:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `serve` flags; each falls back to the environment variable it names."""
     env = "(env %s)"
-    parser.add_argument("--database-url", help="postgresql://user@host:port/db or "
-                        "sqlite:///path/to/file.sqlite " + env % "SAFEHOLD_DATABASE_URL")
-    parser.add_argument("--password-file", type=Path, help="file holding the database password "
-                        + env % "SAFEHOLD_PASSWORD_FILE, or SAFEHOLD_PASSWORD itself")
-    parser.add_argument("--listen", help=f"host:port to serve on, default {DEFAULT_LISTEN} "
-                        + env % "SAFEHOLD_LISTEN")
-    parser.add_argument("--data-dir", type=Path, help="where safehold keeps its own files "
-                        + env % "SAFEHOLD_DATA_DIR")
+    parser.add_argument(
+        "--database-url",
+        help="postgresql://user@host:port/db or "
+        "sqlite:///path/to/file.sqlite " + env % "SAFEHOLD_DATABASE_URL",
+    )
+    parser.add_argument(
+        "--password-file",
+        type=Path,
+        help="file holding the database password "
+        + env % "SAFEHOLD_PASSWORD_FILE, or SAFEHOLD_PASSWORD itself",
+    )
+    parser.add_argument(
+        "--listen",
+        help=f"host:port to serve on, default {DEFAULT_LISTEN} " + env % "SAFEHOLD_LISTEN",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="where safehold keeps its own files " + env % "SAFEHOLD_DATA_DIR",
+    )
     parser.add_argument("--tls-cert", type=Path, help=env % "SAFEHOLD_TLS_CERT")
     parser.add_argument("--tls-key", type=Path, help=env % "SAFEHOLD_TLS_KEY")
-    parser.add_argument("--tls-client-ca", type=Path,
-                        help="require client certificates from this CA " + env
-                        % "SAFEHOLD_TLS_CLIENT_CA")
-    parser.add_argument("--spool-dir", type=Path, help="where uploads are spooled "
-                        + env % "SAFEHOLD_SPOOL_DIR")
-    parser.add_argument("--pre-restore-path", type=Path,
-                        help="where the backup taken before each restore goes "
-                        + env % "SAFEHOLD_PRE_RESTORE_PATH")
-    parser.add_argument("--max-upload-bytes", type=int,
-                        help="refuse larger uploads; 0 means no limit "
-                        + env % "SAFEHOLD_MAX_UPLOAD_BYTES")
-    parser.add_argument("--lock-timeout", type=float,
-                        help="seconds to wait for the database's locks before a restore "
-                        "fails, default 30 " + env % "SAFEHOLD_LOCK_TIMEOUT")
-    parser.add_argument("--log-json", action="store_true", default=None,
-                        help="log JSON lines " + env % "SAFEHOLD_LOG_JSON")
+    parser.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        help="require client certificates from this CA " + env % "SAFEHOLD_TLS_CLIENT_CA",
+    )
+    parser.add_argument(
+        "--spool-dir", type=Path, help="where uploads are spooled " + env % "SAFEHOLD_SPOOL_DIR"
+    )
+    parser.add_argument(
+        "--pre-restore-path",
+        type=Path,
+        help="where the backup taken before each restore goes " + env % "SAFEHOLD_PRE_RESTORE_PATH",
+    )
+    parser.add_argument(
+        "--max-upload-bytes",
+        type=int,
+        help="refuse larger uploads; 0 means no limit " + env % "SAFEHOLD_MAX_UPLOAD_BYTES",
+    )
+    parser.add_argument(
+        "--lock-timeout",
+        type=float,
+        help="seconds to wait for the database's locks before a restore "
+        "fails, default 30 " + env % "SAFEHOLD_LOCK_TIMEOUT",
+    )
+    parser.add_argument(
+        "--log-json",
+        action="store_true",
+        default=None,
+        help="log JSON lines " + env % "SAFEHOLD_LOG_JSON",
+    )
 
 
 def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Config:
@@ -129,9 +155,11 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         spool_dir=Path(pick(args.spool_dir, "SPOOL_DIR") or data_dir / "spool"),
         pre_restore_path=Path(pre_restore) if pre_restore else None,
         max_upload_bytes=_non_negative_int(
-            pick(args.max_upload_bytes, "MAX_UPLOAD_BYTES") or "0", "max upload bytes"),
+            pick(args.max_upload_bytes, "MAX_UPLOAD_BYTES") or "0", "max upload bytes"
+        ),
         tls=TlsConfig(Path(cert), Path(key), Path(client_ca) if client_ca else None)
-        if cert and key else None,
+        if cert and key
+        else None,
         lock_timeout_seconds=float(pick(args.lock_timeout, "LOCK_TIMEOUT") or 30),
         log_json=(pick(args.log_json, "LOG_JSON") or "").lower() in ("1", "true", "yes"),
     )
@@ -148,8 +176,9 @@ def parse_database_url(url: str) -> tuple[PostgresTarget | SqliteTarget, str | N
         dbname = unquote(parts.path[1:]) if parts.path.startswith("/") else ""
         user = unquote(parts.username or "")
         if not dbname or not user:
-            raise ConfigError("a PostgreSQL URL needs a user and a database: "
-                              "postgresql://user@host:port/dbname")
+            raise ConfigError(
+                "a PostgreSQL URL needs a user and a database: postgresql://user@host:port/dbname"
+            )
         try:
             port = parts.port or 5432
         except ValueError as exc:

@@ -11,7 +11,6 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
-
 from safehold.contract import (
     DATABASE_STATE_KEY,
     ERROR_DOMAIN,
@@ -62,12 +61,10 @@ class SafeholdError(Exception):
                 f"the database was put back from the pre-restore backup {self.pre_restore_path}"
             ),
             DatabaseState.UNKNOWN: (
-                "the database state is UNKNOWN; the pre-restore backup is "
-                f"{self.pre_restore_path}"
+                f"the database state is UNKNOWN; the pre-restore backup is {self.pre_restore_path}"
             ),
         }[self.database]
         return f"{self.message} ({state})"
-
 
 
 class Unauthenticated(SafeholdError):

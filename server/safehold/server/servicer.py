@@ -12,15 +12,14 @@ import hashlib
 import logging
 import threading
 import time
-from datetime import timedelta
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from importlib.metadata import version
 from pathlib import Path
 from typing import TypeVar
 
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
-
 from safehold.contract import DatabaseState
 from safehold.formats import engine_label
 from safehold.server.config import Config
@@ -58,8 +57,9 @@ def _reports_errors(
     """End the call with the rich status of any error the stream raises."""
 
     @functools.wraps(method)
-    def wrapper(self: BackupServicer, request: object, context: grpc.ServicerContext
-                ) -> Iterator[Response]:
+    def wrapper(
+        self: BackupServicer, request: object, context: grpc.ServicerContext
+    ) -> Iterator[Response]:
         try:
             yield from method(self, request, context)
         except SafeholdError as err:
@@ -117,9 +117,10 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
         if level is not None and not 0 <= level <= 9:
             raise InvalidRequest(f"compression_level must be 0-9, not {level}")
         started = time.monotonic()
-        with self._gate.reading(self._config.lock_timeout_seconds), self._engine.backup(
-            level
-        ) as chunks:
+        with (
+            self._gate.reading(self._config.lock_timeout_seconds),
+            self._engine.backup(level) as chunks,
+        ):
             info = self._engine.info()
             created = timestamp_pb2.Timestamp()
             created.GetCurrentTime()
@@ -144,7 +145,10 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
                 yield pb.BackupResponse(chunk=chunk)
         log.info(
             "backup of %s finished: %d bytes, sha256 %s, %.1fs",
-            info.database_name, size, digest.hexdigest(), time.monotonic() - started,
+            info.database_name,
+            size,
+            digest.hexdigest(),
+            time.monotonic() - started,
         )
         yield pb.BackupResponse(trailer=pb.Digest(size_bytes=size, sha256=digest.digest()))
 
@@ -173,10 +177,12 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
                 pre_restore = self._pre_restore_path()
                 yield _phase(pb.RESTORE_PHASE_PRE_RESTORE_BACKUP, 0)
                 self._engine.snapshot(pre_restore)
-                yield _notice(Notice(
-                    "PRE_RESTORE_BACKUP",
-                    f"the database as it was before this restore is saved at {pre_restore}",
-                ))
+                yield _notice(
+                    Notice(
+                        "PRE_RESTORE_BACKUP",
+                        f"the database as it was before this restore is saved at {pre_restore}",
+                    )
+                )
 
                 yield _phase(pb.RESTORE_PHASE_RESTORING, 0, spool.size)
                 notices: list[Notice] = []
@@ -186,14 +192,20 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
                     yield _notice(notice)
                 elapsed = duration_pb2.Duration()
                 elapsed.FromTimedelta(timedelta(seconds=time.monotonic() - started))
-                log.info("restore finished: %d bytes in %.1fs", spool.size, elapsed.ToTimedelta().total_seconds())
+                log.info(
+                    "restore finished: %d bytes in %.1fs",
+                    spool.size,
+                    elapsed.ToTimedelta().total_seconds(),
+                )
                 yield _phase(pb.RESTORE_PHASE_DONE, spool.size, spool.size)
-                yield pb.RestoreResponse(result=pb.RestoreResult(
-                    engine=self._engine.kind,
-                    bytes_restored=spool.size,
-                    pre_restore_backup_path=str(pre_restore),
-                    duration=elapsed,
-                ))
+                yield pb.RestoreResponse(
+                    result=pb.RestoreResult(
+                        engine=self._engine.kind,
+                        bytes_restored=spool.size,
+                        pre_restore_backup_path=str(pre_restore),
+                        duration=elapsed,
+                    )
+                )
         finally:
             self._restore_lock.release()
 
@@ -308,5 +320,4 @@ def _progress(
 
 def _notice(notice: Notice) -> pb.RestoreResponse:
     log.info("restore notice %s: %s", notice.reason, notice.message)
-    return pb.RestoreResponse(notice=pb.RestoreNotice(reason=notice.reason,
-                                                      message=notice.message))
+    return pb.RestoreResponse(notice=pb.RestoreNotice(reason=notice.reason, message=notice.message))
