@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from helpers import Server, start_server
-
 from safehold.client import Client
 
 PASSWORD = "correct horse 'battery' \"staple\" $HOME ; & | \\"
@@ -34,9 +33,7 @@ def make_sqlite_db(path: Path, *, wal: bool = False) -> Path:
             "INSERT INTO games (title, cover) VALUES (?, ?)",
             [(f"Game {i} ✓ ünïcödé", bytes(range(256)) * 4) for i in range(200)],
         )
-        db.executemany(
-            "INSERT INTO progress VALUES (?, ?)", [(i, i * 7) for i in range(1, 201)]
-        )
+        db.executemany("INSERT INTO progress VALUES (?, ?)", [(i, i * 7) for i in range(1, 201)])
     path.chmod(0o600)
     return path
 

@@ -23,7 +23,6 @@ from helpers import (
     sqlite_content,
     start_server,
 )
-
 from safehold.client import AuthenticationFailed, Client, EngineMismatch, InvalidBackup
 from safehold.v1 import backup_service_pb2 as pb
 
@@ -45,12 +44,15 @@ Case = Callable[[bytes], list[pb.RestoreRequest]]
 
 
 def _wrong_digest(data: bytes) -> list[pb.RestoreRequest]:
-    return frames(data, trailer=pb.Digest(size_bytes=len(data), sha256=hashlib.sha256(b"x").digest()))
+    return frames(
+        data, trailer=pb.Digest(size_bytes=len(data), sha256=hashlib.sha256(b"x").digest())
+    )
 
 
 def _wrong_size(data: bytes) -> list[pb.RestoreRequest]:
-    return frames(data, trailer=pb.Digest(size_bytes=len(data) + 1,
-                                          sha256=hashlib.sha256(data).digest()))
+    return frames(
+        data, trailer=pb.Digest(size_bytes=len(data) + 1, sha256=hashlib.sha256(data).digest())
+    )
 
 
 def _truncated_with_matching_trailer(data: bytes) -> list[pb.RestoreRequest]:
@@ -58,29 +60,55 @@ def _truncated_with_matching_trailer(data: bytes) -> list[pb.RestoreRequest]:
 
 
 CASES: dict[str, tuple[Case, grpc.StatusCode, str]] = {
-    "pg_dump custom archive": (lambda _: frames(PG_CUSTOM), grpc.StatusCode.FAILED_PRECONDITION,
-                               "ENGINE_MISMATCH"),
-    "pg_dump tar archive": (lambda _: frames(pg_tar()), grpc.StatusCode.FAILED_PRECONDITION,
-                            "ENGINE_MISMATCH"),
-    "plain SQL dump": (lambda _: frames(PG_PLAIN), grpc.StatusCode.FAILED_PRECONDITION,
-                       "ENGINE_MISMATCH"),
-    "header says PostgreSQL": (lambda d: frames(d, engine=pb.ENGINE_POSTGRESQL),
-                               grpc.StatusCode.FAILED_PRECONDITION, "ENGINE_MISMATCH"),
-    "random bytes": (lambda _: frames(os.urandom(70_000)), grpc.StatusCode.INVALID_ARGUMENT,
-                     "NOT_A_BACKUP"),
+    "pg_dump custom archive": (
+        lambda _: frames(PG_CUSTOM),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ENGINE_MISMATCH",
+    ),
+    "pg_dump tar archive": (
+        lambda _: frames(pg_tar()),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ENGINE_MISMATCH",
+    ),
+    "plain SQL dump": (
+        lambda _: frames(PG_PLAIN),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ENGINE_MISMATCH",
+    ),
+    "header says PostgreSQL": (
+        lambda d: frames(d, engine=pb.ENGINE_POSTGRESQL),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ENGINE_MISMATCH",
+    ),
+    "random bytes": (
+        lambda _: frames(os.urandom(70_000)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "NOT_A_BACKUP",
+    ),
     "empty upload": (lambda _: frames(b""), grpc.StatusCode.INVALID_ARGUMENT, "NOT_A_BACKUP"),
-    "cut before trailer": (lambda d: frames(d, with_trailer=False),
-                           grpc.StatusCode.INVALID_ARGUMENT, "TRUNCATED_UPLOAD"),
-    "truncated file, honest trailer": (_truncated_with_matching_trailer,
-                                       grpc.StatusCode.INVALID_ARGUMENT, "NOT_A_BACKUP"),
+    "cut before trailer": (
+        lambda d: frames(d, with_trailer=False),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "TRUNCATED_UPLOAD",
+    ),
+    "truncated file, honest trailer": (
+        _truncated_with_matching_trailer,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "NOT_A_BACKUP",
+    ),
     "wrong digest": (_wrong_digest, grpc.StatusCode.DATA_LOSS, "CHECKSUM_MISMATCH"),
     "wrong size": (_wrong_size, grpc.StatusCode.DATA_LOSS, "SIZE_MISMATCH"),
-    "chunk before header": (lambda d: frames(d)[1:], grpc.StatusCode.INVALID_ARGUMENT,
-                            "BAD_FRAME"),
-    "two headers": (lambda d: frames(d)[:1] + frames(d), grpc.StatusCode.INVALID_ARGUMENT,
-                    "BAD_FRAME"),
-    "chunk after trailer": (lambda d: [*frames(d), pb.RestoreRequest(chunk=b"x")],
-                            grpc.StatusCode.INVALID_ARGUMENT, "BAD_FRAME"),
+    "chunk before header": (lambda d: frames(d)[1:], grpc.StatusCode.INVALID_ARGUMENT, "BAD_FRAME"),
+    "two headers": (
+        lambda d: frames(d)[:1] + frames(d),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "BAD_FRAME",
+    ),
+    "chunk after trailer": (
+        lambda d: [*frames(d), pb.RestoreRequest(chunk=b"x")],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "BAD_FRAME",
+    ),
     "no frames at all": (lambda _: [], grpc.StatusCode.INVALID_ARGUMENT, "TRUNCATED_UPLOAD"),
 }
 
@@ -102,8 +130,9 @@ def test_bad_upload_leaves_database_untouched(
     assert spool_leftovers(sqlite_server) == []
 
 
-@pytest.mark.parametrize("password", [None, "", "wrong", "x" * 5000], ids=[
-    "missing", "empty", "wrong", "oversized"])
+@pytest.mark.parametrize(
+    "password", [None, "", "wrong", "x" * 5000], ids=["missing", "empty", "wrong", "oversized"]
+)
 def test_bad_password_is_refused_for_every_call(
     password: str | None, sqlite_server: Server, sqlite_db: Path, valid_backup: bytes
 ) -> None:
@@ -123,8 +152,10 @@ def test_bad_password_is_refused_for_every_call(
         for call in calls:
             with pytest.raises(grpc.RpcError) as info:
                 call()
-            assert error_reason(info.value)[:2] == (grpc.StatusCode.UNAUTHENTICATED,
-                                                    "UNAUTHENTICATED")
+            assert error_reason(info.value)[:2] == (
+                grpc.StatusCode.UNAUTHENTICATED,
+                "UNAUTHENTICATED",
+            )
     assert sqlite_content(sqlite_db) == before
     assert "restore started" not in sqlite_server.log()
 
@@ -157,8 +188,11 @@ def test_second_restore_while_one_runs_is_aborted(
     before = sqlite_content(sqlite_db)
     release = threading.Event()
     first: list[tuple[list[pb.RestoreResponse], grpc.RpcError | None]] = []
-    runner = threading.Thread(target=lambda: first.append(raw_restore(
-        sqlite_server, held_before_trailer(frames(valid_backup), release))))
+    runner = threading.Thread(
+        target=lambda: first.append(
+            raw_restore(sqlite_server, held_before_trailer(frames(valid_backup), release))
+        )
+    )
     runner.start()
     try:
         _wait_for(lambda: "restore phase RECEIVING" in sqlite_server.log())
@@ -169,14 +203,15 @@ def test_second_restore_while_one_runs_is_aborted(
     finally:
         release.set()
         runner.join(30)
-    (responses, err), = first
+    ((responses, err),) = first
     assert err is None and responses[-1].WhichOneof("frame") == "result"
     assert sqlite_content(sqlite_db) != before  # the first restore went through
 
 
 def test_upload_over_limit_is_refused(tmp_path: Path, sqlite_db: Path) -> None:
-    server = start_server(tmp_path, f"sqlite:///{sqlite_db}", PASSWORD,
-                          "--max-upload-bytes", "10000")
+    server = start_server(
+        tmp_path, f"sqlite:///{sqlite_db}", PASSWORD, "--max-upload-bytes", "10000"
+    )
     try:
         before = sqlite_content(sqlite_db)
         data = sqlite_db.read_bytes()
@@ -184,8 +219,11 @@ def test_upload_over_limit_is_refused(tmp_path: Path, sqlite_db: Path) -> None:
         # Without a declared size: refused as the upload crosses the limit.
         _, err = raw_restore(server, frames(data))
         assert err is not None
-        assert error_reason(err) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "UPLOAD_TOO_LARGE",
-                                     "UNCHANGED")
+        assert error_reason(err) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "UPLOAD_TOO_LARGE",
+            "UNCHANGED",
+        )
         # With a declared size: refused at the header.
         requests = frames(data)
         requests[0].header.expected_size_bytes = len(data)

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from conftest import PASSWORD, make_sqlite_db
 from helpers import Server, spool_leftovers, sqlite_content, start_server
-
 from safehold.client import Client, Progress
 
 
@@ -49,10 +48,16 @@ def test_backup_under_concurrent_writes_is_consistent(
         writer.join()
     assert after_backup > 50
     check = subprocess.run(
-        ["sqlite3", str(result.path), "PRAGMA integrity_check;",
-         "SELECT (SELECT count(*) FROM ledger) = n AND "
-         "(SELECT coalesce(sum(amount), 0) FROM ledger) = sum FROM totals;"],
-        capture_output=True, text=True, check=True,
+        [
+            "sqlite3",
+            str(result.path),
+            "PRAGMA integrity_check;",
+            "SELECT (SELECT count(*) FROM ledger) = n AND "
+            "(SELECT coalesce(sum(amount), 0) FROM ledger) = sum FROM totals;",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert check.stdout.split() == ["ok", "1"]
     assert written[0] > after_backup or written[0] >= 100_000  # the app kept writing
@@ -141,9 +146,7 @@ def test_restore_reports_phases_and_pre_restore_backup(
     assert sqlite_content(pre) == content_before
 
 
-def test_cancelled_backup_leaves_no_snapshot(
-    sqlite_server: Server, sqlite_db: Path
-) -> None:
+def test_cancelled_backup_leaves_no_snapshot(sqlite_server: Server, sqlite_db: Path) -> None:
     with sqlite3.connect(sqlite_db) as db:  # big enough to need many chunks
         db.execute("CREATE TABLE filler (b BLOB)")
         db.executemany("INSERT INTO filler VALUES (randomblob(100000))", [()] * 200)

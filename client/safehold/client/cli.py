@@ -31,8 +31,12 @@ def main(argv: list[str] | None = None) -> int:
         from safehold.server import app
 
         return app.run(args)
+    if args.verb == "health":
+        return _health(args)
     try:
-        with Client(args.target, _password(), tls=_tls(args)) as client:
+        with Client(
+            args.target, _password(), tls=_tls(args), connect_timeout=args.connect_timeout
+        ) as client:
             verb: Callable[[Client, argparse.Namespace], int] = args.run
             return verb(client, args)
     except SafeholdError as err:
@@ -103,6 +107,25 @@ def _info(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _health(args: argparse.Namespace) -> int:
+    """Exit 0 when the server answers SERVING; needs no password (for HEALTHCHECK)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    target = args.target or os.environ.get("SAFEHOLD_TARGET") or DEFAULT_TARGET
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=args.connect_timeout
+            )
+        except grpc.RpcError as err:
+            print(f"safehold: {target} is not healthy: {err.code().name}", file=sys.stderr)
+            return EXIT_FAILED
+    serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+    print(f"{target}: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
+    return 0 if serving else EXIT_FAILED
+
+
 def _confirm(client: Client, file: Path) -> bool:
     if not sys.stdin.isatty():
         raise ValueError(
@@ -152,18 +175,26 @@ def _progress_display() -> TerminalProgress | None:
 def _parser() -> argparse.ArgumentParser:
     from safehold.server import app
 
+    # No abbreviations: `--password x` must never be read as `--password-file x`.
     parser = argparse.ArgumentParser(
         prog="safehold",
+        allow_abbrev=False,
         description="Back up and restore a PostgreSQL or SQLite database over gRPC.",
     )
     verbs = parser.add_subparsers(dest="verb", required=True)
-    app.add_arguments(verbs.add_parser("serve", help="run the server"))
+    app.add_arguments(verbs.add_parser("serve", help="run the server", allow_abbrev=False))
 
-    client_options = argparse.ArgumentParser(add_help=False)
+    client_options = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     client_options.add_argument(
         "--target",
         default=None,
         help=f"server address, default $SAFEHOLD_TARGET or {DEFAULT_TARGET}",
+    )
+    client_options.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to wait for the server, default 10",
     )
     client_options.add_argument(
         "--tls", action="store_true", help="use TLS, trusting the system's CAs"
@@ -172,7 +203,9 @@ def _parser() -> argparse.ArgumentParser:
     client_options.add_argument("--tls-cert", type=Path, help="client certificate")
     client_options.add_argument("--tls-key", type=Path, help="client certificate's key")
 
-    backup = verbs.add_parser("backup", parents=[client_options], help="save a backup")
+    backup = verbs.add_parser(
+        "backup", parents=[client_options], allow_abbrev=False, help="save a backup"
+    )
     backup.add_argument(
         "-o",
         "--output",
@@ -191,7 +224,10 @@ def _parser() -> argparse.ArgumentParser:
     backup.set_defaults(run=_backup)
 
     restore = verbs.add_parser(
-        "restore", parents=[client_options], help="replace the database with a backup"
+        "restore",
+        parents=[client_options],
+        allow_abbrev=False,
+        help="replace the database with a backup",
     )
     restore.add_argument("file", type=Path)
     restore.add_argument("--yes", action="store_true", help="do not ask for confirmation")
@@ -207,7 +243,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     restore.set_defaults(run=_restore)
 
-    info = verbs.add_parser("info", parents=[client_options], help="describe the server")
+    info = verbs.add_parser(
+        "info", parents=[client_options], allow_abbrev=False, help="describe the server"
+    )
     info.add_argument("--json", action="store_true")
     info.set_defaults(run=_info)
+
+    health = verbs.add_parser(
+        "health", allow_abbrev=False, help="check that a plaintext server is serving (no password)"
+    )
+    health.add_argument("--target", default=None)
+    health.add_argument("--connect-timeout", type=float, default=5.0)
     return parser

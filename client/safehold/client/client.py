@@ -26,6 +26,7 @@ from typing import BinaryIO, TypeVar
 
 import grpc
 import tenacity
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safehold.client.errors import (
     ConnectionFailed,
     EngineMismatch,
@@ -34,7 +35,7 @@ from safehold.client.errors import (
     SafeholdError,
     from_rpc_error,
 )
-from safehold.contract import PASSWORD_METADATA_KEY, DatabaseState
+from safehold.contract import PASSWORD_METADATA_KEY, SERVICE_NAME, DatabaseState
 from safehold.files import atomic_path
 from safehold.formats import engine_label, engine_of, sniff_file
 from safehold.v1 import backup_service_pb2 as pb
@@ -125,6 +126,7 @@ class Client:
         self._attempts = attempts
         self._channel = _channel(self.target, tls)
         self._stub = pb_grpc.BackupServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def __enter__(self) -> Client:
         return self
@@ -144,12 +146,10 @@ class Client:
         """Engine, versions and database of the server."""
 
         def call() -> ServerInfo:
+            self._wait_until_connected()
             reply = self._call(
                 lambda: self._stub.GetServerInfo(
-                    pb.GetServerInfoRequest(),
-                    metadata=self._metadata,
-                    timeout=self._connect_timeout,
-                    wait_for_ready=True,
+                    pb.GetServerInfoRequest(), metadata=self._metadata, timeout=60
                 )
             )
             return ServerInfo(
@@ -218,7 +218,8 @@ class Client:
     def _backup_once(
         self, dest: Path, request: pb.BackupRequest, on_progress: ProgressCallback | None
     ) -> BackupResult:
-        call = self._stub.Backup(request, metadata=self._metadata, wait_for_ready=True)
+        self._wait_until_connected()
+        call = self._stub.Backup(request, metadata=self._metadata)
         responses = iter(call)
         try:
             first = self._call(lambda: next(responses, None))
@@ -285,7 +286,8 @@ class Client:
         on_notice: NoticeCallback | None,
     ) -> RestoreResult:
         upload = _Upload(src, header)
-        call = self._stub.Restore(iter(upload), metadata=self._metadata, wait_for_ready=True)
+        self._wait_until_connected()
+        call = self._stub.Restore(iter(upload), metadata=self._metadata)
         responses = iter(call)
         notices: list[tuple[str, str]] = []
         try:
@@ -334,6 +336,31 @@ class Client:
             reraise=True,
         )
         return retrying(call)
+
+    def _wait_until_connected(self) -> None:
+        """Ask the health service, waiting up to connect_timeout for the server,
+        so that an unreachable server is an error, not a hang."""
+        try:
+            reply = self._health.Check(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                timeout=self._connect_timeout,
+                wait_for_ready=True,
+            )
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # type: ignore[attr-defined]
+                raise from_rpc_error(err) from None
+            raise ConnectionFailed(
+                f"cannot reach the safehold server at {self.target} within "
+                f"{self._connect_timeout:g}s: check the address and that it is running",
+                reason="UNAVAILABLE",
+                code=grpc.StatusCode.UNAVAILABLE,
+            ) from None
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            raise ConnectionFailed(
+                f"the safehold server at {self.target} is not serving (shutting down?)",
+                reason="UNAVAILABLE",
+                code=grpc.StatusCode.UNAVAILABLE,
+            )
 
     @staticmethod
     def _call(fn: Callable[[], T]) -> T:

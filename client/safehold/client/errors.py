@@ -116,6 +116,13 @@ _BY_CODE: dict[grpc.StatusCode, type[SafeholdError]] = {
 }
 
 
+def _state(value: str | None) -> DatabaseState | None:
+    try:
+        return DatabaseState(value)
+    except ValueError:
+        return None
+
+
 def from_rpc_error(error: grpc.RpcError) -> SafeholdError:
     """The SafeholdError for a failed call, read from its google.rpc.Status details."""
     code: grpc.StatusCode = error.code()
@@ -129,7 +136,7 @@ def from_rpc_error(error: grpc.RpcError) -> SafeholdError:
                 message,
                 reason=info.reason,
                 code=code,
-                database_state=DatabaseState(state) if state in DatabaseState else None,
+                database_state=_state(state),
                 pre_restore_path=info.metadata.get(PRE_RESTORE_PATH_KEY),
             )
     if code == grpc.StatusCode.UNAVAILABLE:

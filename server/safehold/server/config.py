@@ -171,7 +171,8 @@ def parse_database_url(url: str) -> tuple[PostgresTarget | SqliteTarget, str | N
     if parts.scheme == "sqlite":
         if not parts.path or parts.path == "/":
             raise ConfigError("a SQLite URL needs a path: sqlite:///path/to/file.sqlite")
-        return SqliteTarget(Path(unquote(parts.path))), None
+        # sqlite:///abs/path and SQLAlchemy's sqlite:////abs/path name the same file.
+        return SqliteTarget(Path("/" + unquote(parts.path).lstrip("/"))), None
     if parts.scheme in ("postgresql", "postgres"):
         dbname = unquote(parts.path[1:]) if parts.path.startswith("/") else ""
         user = unquote(parts.username or "")

@@ -1,0 +1,32 @@
+# safehold next to a database: the same install steps as README.md.
+FROM python:3.11-slim-bookworm
+
+# pg_dump/pg_restore/psql must be at least the major of the servers they dump:
+# bookworm's client is 15; use a newer base or PGDG packages for newer servers.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends postgresql-client=15* \
+    && rm -rf /var/lib/apt/lists/*
+
+RUN groupadd --system --gid 10001 safehold \
+    && useradd --system --create-home --home-dir /home/safehold --uid 10001 --gid 10001 safehold \
+    && mkdir -p /data \
+    && chown 10001:10001 /data
+
+WORKDIR /opt/safehold
+COPY pyproject.toml README.md ./
+COPY protos ./protos
+COPY server ./server
+COPY client ./client
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir .
+
+ENV PATH="/opt/venv/bin:${PATH}" \
+    SAFEHOLD_DATA_DIR=/data \
+    SAFEHOLD_LISTEN=0.0.0.0:50051
+USER 10001:10001
+VOLUME ["/data"]
+EXPOSE 50051
+HEALTHCHECK --interval=30s --timeout=10s --start-period=10s --retries=3 \
+    CMD ["safehold", "health", "--target", "127.0.0.1:50051"]
+ENTRYPOINT ["safehold"]
+CMD ["serve"]
