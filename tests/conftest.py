@@ -1,13 +1,19 @@
-"""Fixtures: a real SQLite database and a real safehold server in front of it."""
+"""Fixtures: real SQLite files, a real PostgreSQL cluster, real safehold servers."""
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
+import psycopg
 import pytest
 from helpers import Server, start_server
+from pg import Cluster, cluster
 from safehold.client import Client
 
 PASSWORD = "correct horse 'battery' \"staple\" $HOME ; & | \\"
@@ -53,4 +59,64 @@ def sqlite_server(tmp_path: Path, sqlite_db: Path) -> Iterator[Server]:
 @pytest.fixture
 def client(sqlite_server: Server) -> Iterator[Client]:
     with Client(sqlite_server.target, sqlite_server.password) as c:
+        yield c
+
+
+@dataclass
+class PgDatabase:
+    """A database owned by a role with neither superuser nor CREATEDB rights."""
+
+    cluster: Cluster
+    name: str
+    role: str
+    password: str
+
+    @property
+    def url(self) -> str:
+        return (
+            f"postgresql://{quote(self.role, safe='')}@127.0.0.1:{self.cluster.port}/"
+            f"{quote(self.name, safe='')}"
+        )
+
+    def connect(self) -> psycopg.Connection[tuple[Any, ...]]:
+        return self.cluster.connect(self.name, self.role, self.password)
+
+    def execute(self, statement: str) -> None:
+        with self.connect() as db:
+            db.execute(statement.encode())
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Cluster]:
+    with cluster() as running:
+        yield running
+
+
+_names = itertools.count()
+
+
+def new_pg_database(pg_cluster: Cluster, name: str | None = None) -> PgDatabase:
+    n = next(_names)
+    role = f"app_owner_{n}"
+    pg_cluster.create_role(role, PASSWORD)
+    db = PgDatabase(pg_cluster, name or f"app_{n}", role, PASSWORD)
+    pg_cluster.create_database(db.name, role)
+    return db
+
+
+@pytest.fixture
+def pg_db(pg_cluster: Cluster) -> PgDatabase:
+    return new_pg_database(pg_cluster)
+
+
+@pytest.fixture
+def pg_server(tmp_path: Path, pg_db: PgDatabase) -> Iterator[Server]:
+    server = start_server(tmp_path, pg_db.url, PASSWORD, "--lock-timeout", "3")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_client(pg_server: Server) -> Iterator[Client]:
+    with Client(pg_server.target, pg_server.password) as c:
         yield c

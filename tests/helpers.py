@@ -156,7 +156,7 @@ def error_reason(err: grpc.RpcError) -> tuple[grpc.StatusCode, str, str]:
     for detail in status.details:
         info = error_details_pb2.ErrorInfo()
         if detail.Unpack(info):
-            return err.code(), info.reason, info.metadata.get("database_state", "")  # type: ignore[attr-defined]
+            return err.code(), info.reason, info.metadata.get("database_state", "")
     raise AssertionError(f"no ErrorInfo in {status}")
 
 

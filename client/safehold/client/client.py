@@ -347,7 +347,7 @@ class Client:
                 wait_for_ready=True,
             )
         except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # type: ignore[attr-defined]
+            if err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise from_rpc_error(err) from None
             raise ConnectionFailed(
                 f"cannot reach the safehold server at {self.target} within "

@@ -100,6 +100,7 @@ _BY_REASON: dict[str, type[SafeholdError]] = {
     Reason.CHECKSUM_MISMATCH: IntegrityError,
     Reason.RESTORE_IN_PROGRESS: Busy,
     Reason.DATABASE_BUSY: Busy,
+    Reason.DATABASE_UNAVAILABLE: Busy,
     Reason.UPLOAD_TOO_LARGE: LimitExceeded,
     Reason.SPOOL_FAILED: LimitExceeded,
     Reason.RESTORE_FAILED: RestoreFailed,
@@ -117,10 +118,7 @@ _BY_CODE: dict[grpc.StatusCode, type[SafeholdError]] = {
 
 
 def _state(value: str | None) -> DatabaseState | None:
-    try:
-        return DatabaseState(value)
-    except ValueError:
-        return None
+    return next((state for state in DatabaseState if state.value == value), None)
 
 
 def from_rpc_error(error: grpc.RpcError) -> SafeholdError:

@@ -48,10 +48,10 @@ def run(args: argparse.Namespace) -> int:
         config = config_module.load(args)
         logs.configure(json_lines=config.log_json)
         _prepare(config)
+        server, servicer, health_servicer, port = build(config)
     except (config_module.ConfigError, OSError) as exc:
         log.error("cannot start: %s", exc)
         return 2
-    server, servicer, health_servicer, port = build(config)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

@@ -132,6 +132,11 @@ class DatabaseBusy(SafeholdError):
     reason = Reason.DATABASE_BUSY
 
 
+class DatabaseUnavailable(SafeholdError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = Reason.DATABASE_UNAVAILABLE
+
+
 class RestoreFailed(SafeholdError):
     """The engine could not apply the backup; see `database` for the outcome."""
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import IO, Protocol
 
 from safehold.server.config import Config, PostgresTarget
 from safehold.v1 import backup_service_pb2 as pb
@@ -89,7 +89,7 @@ class Engine(Protocol):
         ...
 
 
-def read_chunks(stream: BinaryIO) -> Iterator[bytes]:
+def read_chunks(stream: IO[bytes]) -> Iterator[bytes]:
     """Full CHUNK_BYTES pieces of a file or pipe until its end."""
     while chunk := stream.read(CHUNK_BYTES):
         yield chunk
