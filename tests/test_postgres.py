@@ -4,6 +4,7 @@ owner without CREATEDB, with a password full of shell metacharacters."""
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import subprocess
 import threading
@@ -15,9 +16,17 @@ import grpc
 import psycopg
 import pytest
 from conftest import PASSWORD, PgDatabase, new_pg_database
-from helpers import Server, error_reason, frames, raw_restore, spool_leftovers, start_server
+from helpers import (
+    Server,
+    error_reason,
+    frames,
+    raw_restore,
+    run_cli,
+    spool_leftovers,
+    start_server,
+)
 from pg import Cluster
-from safehold.client import Busy, Client, RestoreFailed, VersionMismatch
+from safehold.client import BackupFailed, Busy, Client, RestoreFailed, VersionMismatch
 from safehold.v1 import backup_service_pb2 as pb
 from safehold.v1 import backup_service_pb2_grpc as pb_grpc
 
@@ -490,3 +499,50 @@ def test_info_names_versions_and_size(pg_client: Client, pg_db: PgDatabase) -> N
     with pg_db.connect() as conn:
         version = conn.execute("SHOW server_version").fetchone()
     assert version is not None and str(version[0]).startswith(info.engine_version)
+
+
+def test_dump_failing_half_way_ends_without_trailer(pg_db: PgDatabase, tmp_path: Path) -> None:
+    fake_bin = tmp_path / "failing-tools"
+    fake_bin.mkdir()
+    failing = fake_bin / "pg_dump"
+    failing.write_text(
+        "#!/bin/sh\n"
+        f'case "$1" in --version) exec {shutil.which("pg_dump")} --version;; esac\n'
+        "printf PGDMP; head -c 3000000 /dev/zero\n"
+        "echo 'pg_dump: error: Dumping the contents of table \"t\" failed' >&2\n"
+        "exit 1\n"
+    )
+    failing.chmod(0o755)
+    server = start_server(
+        tmp_path, pg_db.url, PASSWORD, env={"PATH": f"{fake_bin}:{os.environ['PATH']}"}
+    )
+    try:
+        with server.channel() as channel:
+            frames_seen = []
+            with pytest.raises(grpc.RpcError) as info:
+                for response in pb_grpc.BackupServiceStub(channel).Backup(
+                    pb.BackupRequest(), metadata=server.metadata()
+                ):
+                    frames_seen.append(response.WhichOneof("frame"))
+        assert "chunk" in frames_seen and "trailer" not in frames_seen
+        assert error_reason(info.value)[:2] == (grpc.StatusCode.INTERNAL, "BACKUP_FAILED")
+        assert "Dumping the contents" in (info.value.details() or "")
+
+        with Client(server.target, PASSWORD) as client, pytest.raises(BackupFailed):
+            client.backup(tmp_path / "never.dump")
+        assert list(tmp_path.glob("*never.dump*")) == []
+    finally:
+        server.stop()
+
+
+def test_cli_round_trip(pg_server: Server, rich_db: PgDatabase, tmp_path: Path) -> None:
+    original = fingerprint(rich_db)
+    env = pg_server.client_env()
+    out = tmp_path / "cli.dump"
+    assert run_cli("backup", "-o", str(out), env=env).returncode == 0
+    rich_db.execute("DROP SCHEMA shop CASCADE")
+    result = run_cli("restore", str(out), "--yes", env=env)
+    assert result.returncode == 0, result.stderr
+    assert fingerprint(rich_db) == original
+    info = run_cli("info", env=env)
+    assert "PostgreSQL" in info.stdout and "pg_restore:" in info.stdout

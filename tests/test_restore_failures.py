@@ -7,7 +7,8 @@ import hashlib
 import os
 import sqlite3
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -237,9 +238,33 @@ def test_upload_over_limit_is_refused(tmp_path: Path, sqlite_db: Path) -> None:
 
 
 def _wait_for(condition: Callable[[], bool], timeout: float = 10) -> None:
-    import time
-
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def test_sigterm_during_upload_ends_it_clearly(tmp_path: Path, sqlite_db: Path) -> None:
+    server = start_server(tmp_path, f"sqlite:///{sqlite_db}", PASSWORD, "--shutdown-grace", "20")
+    before = sqlite_content(sqlite_db)
+    data = sqlite_db.read_bytes()
+
+    def slow_upload() -> Iterator[pb.RestoreRequest]:
+        for i, frame in enumerate(frames(data, chunk=1024)):
+            if i > 5:
+                time.sleep(0.05)
+            yield frame
+
+    outcome: list[tuple[list[pb.RestoreResponse], grpc.RpcError | None]] = []
+    uploader = threading.Thread(target=lambda: outcome.append(raw_restore(server, slow_upload())))
+    uploader.start()
+    _wait_for(lambda: "restore phase RECEIVING" in server.log())
+    started = time.monotonic()
+    assert server.stop() == 0
+    uploader.join(30)
+    ((_, err),) = outcome
+    assert err is not None
+    assert error_reason(err) == (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN", "UNCHANGED")
+    assert time.monotonic() - started < 15  # ended by the check, not by the grace period
+    assert sqlite_content(sqlite_db) == before
+    assert spool_leftovers(server) == []

@@ -31,9 +31,15 @@ from safehold.v1 import backup_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-GRACE_SECONDS = 30.0
-"""How long running calls may go on after a stop signal before they are cancelled."""
 MAX_WORKERS = 32
+KEEPALIVE_OPTIONS = [
+    # Ping idle peers so that a vanished client's call is cancelled, and let
+    # clients ping us every 10s or more while a long restore sends no data.
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,10 +69,11 @@ def run(args: argparse.Namespace) -> int:
         _describe_target(config),
     )
     stop.wait()
-    log.info("stopping: refusing new calls, %ss grace for running ones", GRACE_SECONDS)
+    grace = config.shutdown_grace_seconds
+    log.info("stopping: refusing new calls, %gs grace for running ones", grace)
     health_servicer.enter_graceful_shutdown()
     servicer.begin_shutdown()
-    server.stop(GRACE_SECONDS).wait()
+    server.stop(grace).wait()
     log.info("stopped")
     return 0
 
@@ -78,6 +85,7 @@ def build(config: Config) -> tuple[grpc.Server, BackupServicer, health.HealthSer
         futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="safehold"),
         interceptors=[PasswordInterceptor(config.password)],
         maximum_concurrent_rpcs=MAX_WORKERS,
+        options=KEEPALIVE_OPTIONS,
     )
     servicer = BackupServicer(engine, config)
     pb_grpc.add_BackupServiceServicer_to_server(servicer, server)

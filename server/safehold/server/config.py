@@ -66,6 +66,7 @@ class Config:
     max_upload_bytes: int
     tls: TlsConfig | None
     lock_timeout_seconds: float
+    shutdown_grace_seconds: float
     log_json: bool
 
 
@@ -119,6 +120,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "fails, default 30 " + env % "SAFEHOLD_LOCK_TIMEOUT",
     )
     parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        help="seconds running calls may go on after SIGTERM before they are cancelled, "
+        "default 30 " + env % "SAFEHOLD_SHUTDOWN_GRACE",
+    )
+    parser.add_argument(
         "--log-json",
         action="store_true",
         default=None,
@@ -160,7 +167,12 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         tls=TlsConfig(Path(cert), Path(key), Path(client_ca) if client_ca else None)
         if cert and key
         else None,
-        lock_timeout_seconds=float(pick(args.lock_timeout, "LOCK_TIMEOUT") or 30),
+        lock_timeout_seconds=_seconds(
+            pick(args.lock_timeout, "LOCK_TIMEOUT") or "30", "lock timeout"
+        ),
+        shutdown_grace_seconds=_seconds(
+            pick(args.shutdown_grace, "SHUTDOWN_GRACE") or "30", "shutdown grace"
+        ),
         log_json=(pick(args.log_json, "LOG_JSON") or "").lower() in ("1", "true", "yes"),
     )
 
@@ -246,6 +258,16 @@ def _generated_password(data_dir: Path) -> str:
 def _default_data_dir(environ: Mapping[str, str]) -> Path:
     base = environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "safehold"
+
+
+def _seconds(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{what} must be a number of seconds, not {text!r}") from None
+    if value < 0:
+        raise ConfigError(f"{what} must not be negative")
+    return value
 
 
 def _non_negative_int(text: str, what: str) -> int:

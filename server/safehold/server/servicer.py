@@ -140,6 +140,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
             digest = hashlib.sha256()
             size = 0
             for chunk in chunks:
+                self._refuse_when_stopping()
                 digest.update(chunk)
                 size += len(chunk)
                 yield pb.BackupResponse(chunk=chunk)
@@ -243,6 +244,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
         while (request := _next_frame(requests)) is not None:
             kind = request.WhichOneof("frame")
             if kind == "chunk":
+                self._refuse_when_stopping()
                 spool.write(request.chunk)
                 if spool.size - reported >= PROGRESS_EVERY_BYTES:
                     reported = spool.size

@@ -1,0 +1,42 @@
+"""One safehold client call, timed from inside, for bench.py.
+
+Runs as its own process so that bench.py can read its peak RSS (wait4) apart
+from everything else. Prints one JSON line: seconds, time to first chunk, and
+for a restore when each phase began.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from safehold.client import Client, Progress
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("op", choices=["backup", "restore"])
+    parser.add_argument("path")
+    parser.add_argument("--compression-level", type=int)
+    args = parser.parse_args()
+    phases: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def on_progress(progress: Progress) -> None:
+        phases.setdefault(progress.phase, time.perf_counter() - started)
+
+    with Client(os.environ["SAFEHOLD_TARGET"], os.environ["SAFEHOLD_PASSWORD"]) as client:
+        if args.op == "backup":
+            result = client.backup(
+                args.path, compression_level=args.compression_level, on_progress=on_progress
+            )
+            size = result.size_bytes
+        else:
+            size = client.restore(args.path, on_progress=on_progress).bytes_restored
+    print(json.dumps({"seconds": time.perf_counter() - started, "bytes": size, "phases": phases}))
+
+
+if __name__ == "__main__":
+    main()
