@@ -22,10 +22,14 @@ def private_temp_file(directory: Path, prefix: str) -> Path:
     return Path(name)
 
 
+def _partial_prefix(dest: Path) -> str:
+    return f".{dest.name}.partial-"
+
+
 @contextlib.contextmanager
 def atomic_path(dest: Path) -> Iterator[Path]:
     """A temp path to fill; renamed to dest when the block succeeds, removed if not."""
-    tmp = private_temp_file(dest.parent, f".{dest.name}.partial-")
+    tmp = private_temp_file(dest.parent, _partial_prefix(dest))
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -38,3 +42,13 @@ def atomic_path(dest: Path) -> Iterator[Path]:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def remove_partials(dest: Path) -> list[Path]:
+    """Delete the temp files a killed process left while writing dest."""
+    if not dest.parent.is_dir():
+        return []
+    removed = [p for p in dest.parent.glob(_partial_prefix(dest) + "*") if p.is_file()]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed

@@ -175,7 +175,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
                     yield _notice(notice)
                 log.info("upload verified: %d bytes", spool.size)
 
-                pre_restore = self._pre_restore_path()
+                pre_restore = self.pre_restore_path
                 yield _phase(pb.RESTORE_PHASE_PRE_RESTORE_BACKUP, 0)
                 self._engine.snapshot(pre_restore)
                 yield _notice(
@@ -290,7 +290,9 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
                 pre_restore_path=str(pre_restore),
             ) from None
 
-    def _pre_restore_path(self) -> Path:
+    @property
+    def pre_restore_path(self) -> Path:
+        """Where the backup taken before each restore goes; one file, replaced each time."""
         return self._config.pre_restore_path or (
             self._config.data_dir / f"pre-restore{self._engine.file_suffix}"
         )
