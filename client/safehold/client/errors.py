@@ -102,6 +102,7 @@ _BY_REASON: dict[str, type[SafeholdError]] = {
     Reason.DATABASE_BUSY: Busy,
     Reason.DATABASE_UNAVAILABLE: Busy,
     Reason.UPLOAD_TOO_LARGE: LimitExceeded,
+    Reason.TOO_MANY_BACKUPS: Busy,
     Reason.SPOOL_FAILED: LimitExceeded,
     Reason.RESTORE_FAILED: RestoreFailed,
     Reason.ROLLBACK_FAILED: RestoreFailed,

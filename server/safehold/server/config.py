@@ -67,6 +67,7 @@ class Config:
     tls: TlsConfig | None
     lock_timeout_seconds: float
     shutdown_grace_seconds: float
+    max_concurrent_backups: int
     log_json: bool
 
 
@@ -120,6 +121,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "fails, default 30 " + env % "SAFEHOLD_LOCK_TIMEOUT",
     )
     parser.add_argument(
+        "--max-concurrent-backups",
+        type=int,
+        help="backups beyond this many at once get RESOURCE_EXHAUSTED, default 8 "
+        + env % "SAFEHOLD_MAX_CONCURRENT_BACKUPS",
+    )
+    parser.add_argument(
         "--shutdown-grace",
         type=float,
         help="seconds running calls may go on after SIGTERM before they are cancelled, "
@@ -169,6 +176,13 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         else None,
         lock_timeout_seconds=_seconds(
             pick(args.lock_timeout, "LOCK_TIMEOUT") or "30", "lock timeout"
+        ),
+        max_concurrent_backups=max(
+            1,
+            _non_negative_int(
+                pick(args.max_concurrent_backups, "MAX_CONCURRENT_BACKUPS") or "8",
+                "max concurrent backups",
+            ),
         ),
         shutdown_grace_seconds=_seconds(
             pick(args.shutdown_grace, "SHUTDOWN_GRACE") or "30", "shutdown grace"

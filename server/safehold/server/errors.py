@@ -122,6 +122,11 @@ class UploadTooLarge(SafeholdError):
     reason = Reason.UPLOAD_TOO_LARGE
 
 
+class TooManyBackups(SafeholdError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = Reason.TOO_MANY_BACKUPS
+
+
 class SpoolFailed(SafeholdError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = Reason.SPOOL_FAILED

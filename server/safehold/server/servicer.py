@@ -34,6 +34,7 @@ from safehold.server.errors import (
     RollbackFailed,
     SafeholdError,
     ShuttingDown,
+    TooManyBackups,
     TruncatedUpload,
     UploadTooLarge,
 )
@@ -81,6 +82,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
         self._engine = engine
         self._config = config
         self._restore_lock = threading.Lock()
+        self._backup_slots = threading.BoundedSemaphore(config.max_concurrent_backups)
         self._gate = ReadWriteGate()
         self._stopping = threading.Event()
 
@@ -116,6 +118,24 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
         level = request.compression_level if request.HasField("compression_level") else None
         if level is not None and not 0 <= level <= 9:
             raise InvalidRequest(f"compression_level must be 0-9, not {level}")
+        if not self._backup_slots.acquire(blocking=False):
+            raise TooManyBackups(
+                f"{self._config.max_concurrent_backups} backups are already running "
+                "(--max-concurrent-backups); retry when one has finished"
+            )
+        sent = [0]
+        try:
+            yield from self._stream_backup(level, sent)
+        except GeneratorExit:
+            log.warning(
+                "backup abandoned by the client after %d bytes; its snapshot was ended", sent[0]
+            )
+            raise
+        finally:
+            self._backup_slots.release()
+
+    def _stream_backup(self, level: int | None, sent: list[int]) -> Iterator[pb.BackupResponse]:
+        """Manifest, chunks, trailer; sent[0] counts the chunk bytes handed to gRPC."""
         started = time.monotonic()
         with (
             self._gate.reading(self._config.lock_timeout_seconds),
@@ -138,20 +158,19 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
                 )
             )
             digest = hashlib.sha256()
-            size = 0
             for chunk in chunks:
                 self._refuse_when_stopping()
                 digest.update(chunk)
-                size += len(chunk)
+                sent[0] += len(chunk)
                 yield pb.BackupResponse(chunk=chunk)
         log.info(
             "backup of %s finished: %d bytes, sha256 %s, %.1fs",
             info.database_name,
-            size,
+            sent[0],
             digest.hexdigest(),
             time.monotonic() - started,
         )
-        yield pb.BackupResponse(trailer=pb.Digest(size_bytes=size, sha256=digest.digest()))
+        yield pb.BackupResponse(trailer=pb.Digest(size_bytes=sent[0], sha256=digest.digest()))
 
     @_reports_errors
     def Restore(
@@ -166,16 +185,18 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
         )
         if not self._restore_lock.acquire(blocking=False):
             raise RestoreInProgress("another restore is running; try again when it has finished")
+        replaced = False
         try:
             log.info("restore started from %s", context.peer())
             with Spool(self._config.spool_dir, self._config.max_upload_bytes) as spool:
-                yield from self._receive(request_iterator, spool, header)
+                yield from self._receive(request_iterator, spool, header, context)
                 yield _phase(pb.RESTORE_PHASE_VERIFYING, spool.size, spool.size)
                 for notice in self._engine.inspect(spool.path, options):
                     yield _notice(notice)
                 log.info("upload verified: %d bytes", spool.size)
 
                 pre_restore = self.pre_restore_path
+                _still_wanted(context)
                 yield _phase(pb.RESTORE_PHASE_PRE_RESTORE_BACKUP, 0)
                 self._engine.snapshot(pre_restore)
                 yield _notice(
@@ -185,10 +206,12 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
                     )
                 )
 
+                _still_wanted(context)
                 yield _phase(pb.RESTORE_PHASE_RESTORING, 0, spool.size)
                 notices: list[Notice] = []
                 with self._gate.writing(self._config.lock_timeout_seconds):
                     self._replace(spool.path, options, pre_restore, notices)
+                replaced = True
                 for notice in notices:
                     yield _notice(notice)
                 elapsed = duration_pb2.Duration()
@@ -207,6 +230,13 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
                         duration=elapsed,
                     )
                 )
+        except GeneratorExit:
+            # The client cancelled, disconnected or ran past its deadline.
+            log.warning(
+                "restore abandoned by the client; the database %s",
+                "was restored before it left" if replaced else "is unchanged",
+            )
+            raise
         finally:
             self._restore_lock.release()
 
@@ -235,7 +265,11 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
         return header
 
     def _receive(
-        self, requests: Iterator[pb.RestoreRequest], spool: Spool, header: pb.RestoreHeader
+        self,
+        requests: Iterator[pb.RestoreRequest],
+        spool: Spool,
+        header: pb.RestoreHeader,
+        context: grpc.ServicerContext,
     ) -> Iterator[pb.RestoreResponse]:
         """Spool chunks until the trailer, then check it; report progress on the way."""
         total = header.expected_size_bytes if header.HasField("expected_size_bytes") else None
@@ -257,6 +291,8 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
                 return
             else:
                 raise BadFrame(f"unexpected {kind or 'empty'} frame while receiving chunks")
+        # gRPC may end the request stream, rather than fail it, when the call dies.
+        _still_wanted(context)
         raise TruncatedUpload(
             f"the upload ended after {spool.size} bytes without a trailer: it is incomplete"
         )
@@ -296,6 +332,12 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
         return self._config.pre_restore_path or (
             self._config.data_dir / f"pre-restore{self._engine.file_suffix}"
         )
+
+
+def _still_wanted(context: grpc.ServicerContext) -> None:
+    """Touch nothing for a caller that has gone (cancelled, disconnected, out of time)."""
+    if not context.is_active() or context.time_remaining() <= 0:
+        raise Cancelled("the client went away; the restore stopped before touching the database")
 
 
 def _next_frame(requests: Iterator[pb.RestoreRequest]) -> pb.RestoreRequest | None:
