@@ -1,14 +1,16 @@
 """Checks the database password on every BackupService call.
 
 Health checking and reflection stay open so that load balancers and grpcurl
-work without a secret. The comparison is constant-time and nothing about the
-presented value is ever logged.
+work without a secret. The comparison is constant-time, nothing about the
+presented value is ever logged, and an address that keeps guessing is slowed.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +37,7 @@ class PasswordInterceptor(Interceptor):
 
     def __init__(self, password: str) -> None:
         self._expected = password.encode("utf-8")
+        self._throttle = FailureThrottle()
 
     def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -46,7 +49,7 @@ class PasswordInterceptor(Interceptor):
         if self._accepts(handler_call_details.invocation_metadata):
             return handler
         log.warning("refused %s: missing or wrong %s", method, PASSWORD_METADATA_KEY)
-        return _refusal(handler)
+        return _refusal(handler, self._throttle)
 
     def _accepts(self, metadata: Any) -> bool:
         presented = b""
@@ -58,13 +61,52 @@ class PasswordInterceptor(Interceptor):
         return hmac.compare_digest(presented, self._expected)
 
 
-def _refusal(handler: Handler) -> Handler:
+class FailureThrottle:
+    """Slows refusals to an address that keeps failing, holding up nobody else.
+
+    The delay runs in the refused call's own worker thread (never in gRPC's
+    polling thread), and only a few such threads may sleep at once, so a flood
+    of wrong passwords cannot starve callers who know the password.
+    """
+
+    FREE_FAILURES = 3
+    MAX_DELAY_SECONDS = 2.0
+    FORGET_AFTER_SECONDS = 300.0
+    MAX_SLEEPERS = 4
+    MAX_TRACKED = 10_000
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._failures: dict[str, tuple[int, float]] = {}
+        self._sleepers = threading.BoundedSemaphore(self.MAX_SLEEPERS)
+
+    def failed(self, peer: str) -> None:
+        """Count a failure from peer and sleep as long as its record says."""
+        address = peer.rsplit(":", 1)[0]  # ipv4:127.0.0.1:5555 -> ipv4:127.0.0.1
+        now = time.monotonic()
+        with self._lock:
+            count, last = self._failures.get(address, (0, now))
+            count = 1 if now - last > self.FORGET_AFTER_SECONDS else count + 1
+            if len(self._failures) >= self.MAX_TRACKED:
+                self._failures.clear()
+            self._failures[address] = (count, now)
+        excess = count - self.FREE_FAILURES
+        if excess <= 0 or not self._sleepers.acquire(blocking=False):
+            return
+        try:
+            time.sleep(min(self.MAX_DELAY_SECONDS, 0.1 * 2 ** (excess - 1)))
+        finally:
+            self._sleepers.release()
+
+
+def _refusal(handler: Handler, throttle: FailureThrottle) -> Handler:
     """A handler of the same shape as `handler` that ends the call UNAUTHENTICATED."""
     status = Unauthenticated(
         f"missing or wrong password: send it in the {PASSWORD_METADATA_KEY} metadata"
     ).to_status()
 
     def refuse(_request: object, context: grpc.ServicerContext) -> None:
+        throttle.failed(context.peer())
         context.abort_with_status(status)
 
     if handler.request_streaming and handler.response_streaming:
