@@ -77,6 +77,7 @@ def wait_until(condition: Callable[[], bool], timeout: float = 15) -> bool:
 
 
 def restart(server: Server, tmp_path: Path, url: str, *args: str) -> Server:
+    assert server.stop() == -signal.SIGKILL  # also checks its log for the password
     again = start_server(tmp_path, url, PASSWORD, *args)
     assert spool_leftovers(again) == []
     assert list(again.data_dir.glob(".pre-restore*.partial-*")) == []
