@@ -28,7 +28,14 @@ import psycopg
 from safehold.files import atomic_path, private_temp_file
 from safehold.formats import SNIFF_BYTES, sniff
 from safehold.server.config import PostgresTarget
-from safehold.server.engines import EngineInfo, Notice, Notify, RestoreOptions, read_chunks
+from safehold.server.engines import (
+    CHUNK_BYTES,
+    EngineInfo,
+    Notice,
+    Notify,
+    RestoreOptions,
+    read_chunks,
+)
 from safehold.server.engines.pg_archive import DumpHeader, major_of, read_header
 from safehold.server.engines.processes import Child, child
 from safehold.server.errors import (
@@ -172,7 +179,10 @@ class PostgresEngine:
         argv = [self._tool("pg_restore"), "--file=-", "--single-transaction", *flags, str(path)]
         with child(argv, self._env(), stdout=subprocess.PIPE) as convert:
             held = b""
-            for chunk in read_chunks(convert.stdout):
+            source = convert.stdout.fileno()
+            # os.read returns what the pipe holds, so pg_restore and psql both keep
+            # running instead of taking turns around a full-chunk read.
+            while chunk := os.read(source, CHUNK_BYTES):
                 data = held + chunk
                 sink.write(data[:-_HOLD_BACK_BYTES])
                 held = data[-_HOLD_BACK_BYTES:]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import shutil
 import subprocess
 import threading
@@ -18,6 +19,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import IO
 
 _STDERR_TAIL_LINES = 200
+_PIPE_BYTES = 1024 * 1024
+"""Pipes this wide let a child run a whole chunk ahead of the copy loop."""
 _SETPRIV = shutil.which("setpriv")
 
 
@@ -73,6 +76,9 @@ def child(
         env=dict(env),
         close_fds=True,
     )
+    for stream in (process.stdin, process.stdout):
+        if stream is not None:
+            _widen_pipe(stream)
     running = Child(process)
     try:
         yield running
@@ -84,3 +90,9 @@ def child(
                 with contextlib.suppress(OSError):
                     stream.close()
         running.wait()
+
+
+def _widen_pipe(stream: IO[bytes]) -> None:
+    """Grow a pipe from 64 KiB to a chunk (Linux); where that is refused, keep it."""
+    with contextlib.suppress(OSError, AttributeError):
+        fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
