@@ -195,6 +195,32 @@ def bench_engine(
     return [backup, restore]
 
 
+def compression_rows(server: Server, work: Path, env: dict[str, str], size: int) -> list[Row]:
+    """pg_dump's compression level against time and size, tool and safehold alike."""
+    rows = []
+    for level in (0, 1, 6):
+        row = Row(f"PostgreSQL {size // MIB} MB backup, compression level {level}")
+        out = work / f"level-{level}.out"
+        row.native.append(
+            timed(
+                lambda out=out, level=level: subprocess.run(  # type: ignore[misc]
+                    ["pg_dump", "-Fc", f"-Z{level}", "-f", str(out)], env=env, check=True
+                )
+            )
+        )
+        reset_server_peak(server)
+        report, row.client_mib = run_client(
+            server, "backup", str(out), "--compression-level", str(level)
+        )
+        row.safehold.append(float(report["seconds"]))  # type: ignore[arg-type]
+        row.server_mib = server_peak_mib(server)
+        row.bytes = int(report["bytes"])  # type: ignore[call-overload]
+        row.note = f"archive {row.bytes / MIB:.0f} MiB"
+        out.unlink()
+        rows.append(row)
+    return rows
+
+
 def first_chunk_ms(server: Server, work: Path) -> float:
     report, _ = run_client(server, "backup", str(work / "small.out"))
     phases: dict[str, float] = report["phases"]  # type: ignore[assignment]
@@ -260,7 +286,8 @@ def postgres_rows(pg: Cluster, size: int, reps: int, work: Path, deadline: float
             with pg.connect() as admin:
                 admin.execute(f'DROP DATABASE "{target}"')
 
-        return bench_engine(
+        rows = compression_rows(server, work, env, size)
+        return rows + bench_engine(
             f"PostgreSQL {size // MIB} MB",
             server=server,
             work=work,
