@@ -12,6 +12,10 @@ import enum
 PASSWORD_METADATA_KEY = "x-database-password"  # noqa: S105 - a key name, not a secret
 """gRPC metadata key that carries the database password on every call."""
 
+REQUEST_ID_KEY = "x-request-id"
+"""Metadata key of a call's id: sent by the client if it likes, always sent back by
+the server in the initial metadata, and on every server log line of that call."""
+
 ERROR_DOMAIN = "safehold.v1"
 """ErrorInfo.domain of every error safehold raises."""
 

@@ -25,6 +25,7 @@ from safehold.server import logs
 from safehold.server.auth import PasswordInterceptor
 from safehold.server.config import Config, SqliteTarget
 from safehold.server.engines import open_engine
+from safehold.server.metrics import Metrics
 from safehold.server.servicer import BackupServicer
 from safehold.server.spool import check_writable, remove_leftovers
 from safehold.v1 import backup_service_pb2 as pb
@@ -90,7 +91,11 @@ def build(config: Config) -> tuple[grpc.Server, BackupServicer, health.HealthSer
         maximum_concurrent_rpcs=MAX_WORKERS,
         options=KEEPALIVE_OPTIONS,
     )
-    servicer = BackupServicer(engine, config)
+    metrics = Metrics()
+    if config.metrics_listen:
+        metrics_port = metrics.serve(config.metrics_listen)
+        log.info("metrics on %s (port %d)", config.metrics_listen, metrics_port)
+    servicer = BackupServicer(engine, config, metrics)
     pb_grpc.add_BackupServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

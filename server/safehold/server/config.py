@@ -69,6 +69,7 @@ class Config:
     shutdown_grace_seconds: float
     max_concurrent_backups: int
     log_json: bool
+    metrics_listen: str | None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -133,6 +134,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "default 30 " + env % "SAFEHOLD_SHUTDOWN_GRACE",
     )
     parser.add_argument(
+        "--metrics-listen",
+        help="serve Prometheus metrics on host:port, e.g. 127.0.0.1:9464; off by default "
+        + env % "SAFEHOLD_METRICS_LISTEN",
+    )
+    parser.add_argument(
         "--log-json",
         action="store_true",
         default=None,
@@ -188,6 +194,7 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
             pick(args.shutdown_grace, "SHUTDOWN_GRACE") or "30", "shutdown grace"
         ),
         log_json=(pick(args.log_json, "LOG_JSON") or "").lower() in ("1", "true", "yes"),
+        metrics_listen=pick(args.metrics_listen, "METRICS_LISTEN"),
     )
 
 

@@ -1,10 +1,21 @@
-"""Log set-up: one line per event, plain or JSON, to stderr."""
+"""Log set-up: one line per event, plain or JSON, to stderr, each carrying the
+id of the call it belongs to, so an operator can follow one restore through."""
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import sys
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+"""The id of the call the current thread is serving; set by the servicer."""
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get()
+        return True
 
 
 class _JsonFormatter(logging.Formatter):
@@ -13,6 +24,7 @@ class _JsonFormatter(logging.Formatter):
             "time": self.formatTime(record),
             "level": record.levelname,
             "logger": record.name,
+            "request_id": getattr(record, "request_id", "-"),
             "message": record.getMessage(),
         }
         if record.exc_info:
@@ -23,10 +35,11 @@ class _JsonFormatter(logging.Formatter):
 def configure(json_lines: bool) -> None:
     """Send safehold's log to stderr; INFO and up, so each restore step shows."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_RequestIdFilter())
     handler.setFormatter(
         _JsonFormatter()
         if json_lines
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        else logging.Formatter("%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s")
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -10,17 +10,19 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import re
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from importlib.metadata import version
 from pathlib import Path
-from typing import TypeVar
+from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
-from safehold.contract import DatabaseState
+from safehold.contract import REQUEST_ID_KEY, DatabaseState, Reason
 from safehold.formats import engine_label
 from safehold.server.config import Config
 from safehold.server.engines import Engine, Notice, RestoreOptions
@@ -39,6 +41,8 @@ from safehold.server.errors import (
     UploadTooLarge,
 )
 from safehold.server.gate import ReadWriteGate
+from safehold.server.logs import request_id
+from safehold.server.metrics import Metrics
 from safehold.server.spool import Spool
 from safehold.v1 import backup_service_pb2 as pb
 from safehold.v1 import backup_service_pb2_grpc as pb_grpc
@@ -49,38 +53,65 @@ SAFEHOLD_VERSION = version("safehold")
 PROGRESS_EVERY_BYTES = 8 * 1024 * 1024
 """How often the receiving phase reports progress."""
 
-Response = TypeVar("Response")
+Method = Callable[..., Iterator[Any]]
+_SANE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
-def _reports_errors(
-    method: Callable[..., Iterator[Response]],
-) -> Callable[..., Iterator[Response]]:
-    """End the call with the rich status of any error the stream raises."""
+def _serves(operation: str | None) -> Callable[[Method], Method]:
+    """Run a stream as one call: its request id on every log line and sent back
+    to the caller, counted in the metrics, and any error it raises turned into
+    the rich status that ends the call."""
 
-    @functools.wraps(method)
-    def wrapper(
-        self: BackupServicer, request: object, context: grpc.ServicerContext
-    ) -> Iterator[Response]:
-        try:
-            yield from method(self, request, context)
-        except SafeholdError as err:
-            log.warning("%s failed: %s [%s]", method.__name__, err.describe(), err.reason)
-            context.abort_with_status(err.to_status())
-        except Exception:
-            log.exception("%s failed unexpectedly", method.__name__)
-            context.abort_with_status(
-                SafeholdError("internal error; the server log has the details").to_status()
-            )
+    def decorate(method: Method) -> Method:
+        @functools.wraps(method)
+        def wrapper(
+            self: BackupServicer, request: object, context: grpc.ServicerContext
+        ) -> Iterator[Any]:
+            request_id.set(_request_id_of(context))
+            try:
+                context.send_initial_metadata(((REQUEST_ID_KEY, request_id.get()),))
+                if operation:
+                    self._metrics.started(operation)
+                yield from method(self, request, context)
+            except SafeholdError as err:
+                log.warning("%s failed: %s [%s]", method.__name__, err.describe(), err.reason)
+                if operation:
+                    self._metrics.failed(operation, err.reason)
+                context.abort_with_status(err.to_status())
+            except GeneratorExit:
+                if operation:
+                    self._metrics.failed(operation, Reason.CANCELLED)
+                raise
+            except Exception:
+                log.exception("%s failed unexpectedly", method.__name__)
+                if operation:
+                    self._metrics.failed(operation, Reason.INTERNAL)
+                context.abort_with_status(
+                    SafeholdError("internal error; the server log has the details").to_status()
+                )
+            finally:
+                request_id.set("-")
 
-    return wrapper
+        return wrapper
+
+    return decorate
+
+
+def _request_id_of(context: grpc.ServicerContext) -> str:
+    """The caller's x-request-id when it sent a sane one, else a new one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and _SANE_ID.fullmatch(value):
+            return value
+    return uuid.uuid4().hex[:16]
 
 
 class BackupServicer(pb_grpc.BackupServiceServicer):
     """Serves one engine; holds the restore lock and the backup/restore gate."""
 
-    def __init__(self, engine: Engine, config: Config) -> None:
+    def __init__(self, engine: Engine, config: Config, metrics: Metrics) -> None:
         self._engine = engine
         self._config = config
+        self._metrics = metrics
         self._restore_lock = threading.Lock()
         self._backup_slots = threading.BoundedSemaphore(config.max_concurrent_backups)
         self._gate = ReadWriteGate()
@@ -93,9 +124,10 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
     def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
     ) -> pb.GetServerInfoResponse:
-        return next(self._server_info(request, context))
+        reply: pb.GetServerInfoResponse = next(self._server_info(request, context))
+        return reply
 
-    @_reports_errors
+    @_serves(None)
     def _server_info(
         self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GetServerInfoResponse]:
@@ -110,7 +142,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
             max_upload_bytes=self._config.max_upload_bytes,
         )
 
-    @_reports_errors
+    @_serves("backup")
     def Backup(
         self, request: pb.BackupRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.BackupResponse]:
@@ -163,16 +195,18 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
                 digest.update(chunk)
                 sent[0] += len(chunk)
                 yield pb.BackupResponse(chunk=chunk)
+        elapsed = time.monotonic() - started
         log.info(
             "backup of %s finished: %d bytes, sha256 %s, %.1fs",
             info.database_name,
             sent[0],
             digest.hexdigest(),
-            time.monotonic() - started,
+            elapsed,
         )
+        self._metrics.finished("backup", sent[0], elapsed)
         yield pb.BackupResponse(trailer=pb.Digest(size_bytes=sent[0], sha256=digest.digest()))
 
-    @_reports_errors
+    @_serves("restore")
     def Restore(
         self, request_iterator: Iterator[pb.RestoreRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.RestoreResponse]:
@@ -214,13 +248,11 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
                 replaced = True
                 for notice in notices:
                     yield _notice(notice)
+                seconds = time.monotonic() - started
                 elapsed = duration_pb2.Duration()
-                elapsed.FromTimedelta(timedelta(seconds=time.monotonic() - started))
-                log.info(
-                    "restore finished: %d bytes in %.1fs",
-                    spool.size,
-                    elapsed.ToTimedelta().total_seconds(),
-                )
+                elapsed.FromTimedelta(timedelta(seconds=seconds))
+                log.info("restore finished: %d bytes in %.1fs", spool.size, seconds)
+                self._metrics.finished("restore", spool.size, seconds)
                 yield _phase(pb.RESTORE_PHASE_DONE, spool.size, spool.size)
                 yield pb.RestoreResponse(
                     result=pb.RestoreResult(
