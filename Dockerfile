@@ -27,6 +27,6 @@ USER 10001:10001
 VOLUME ["/data"]
 EXPOSE 50051
 HEALTHCHECK --interval=30s --timeout=10s --start-period=10s --retries=3 \
-    CMD ["safehold", "health", "--target", "127.0.0.1:50051"]
+    CMD ["safehold", "health", "--target", "127.0.0.1:50051", "--connect-timeout", "5"]
 ENTRYPOINT ["safehold"]
 CMD ["serve"]

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from safehold.client.client import DEFAULT_TARGET, Client, TlsOptions
+from safehold.client.client import DEFAULT_TARGET, Client, TlsOptions, open_channel
 from safehold.client.errors import SafeholdError
 from safehold.client.progress import TerminalProgress
 from safehold.contract import DatabaseState
@@ -113,7 +113,7 @@ def _health(args: argparse.Namespace) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     target = args.target or os.environ.get("SAFEHOLD_TARGET") or DEFAULT_TARGET
-    with grpc.insecure_channel(target) as channel:
+    with open_channel(target, _tls(args)) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=args.connect_timeout
@@ -249,9 +249,10 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.set_defaults(run=_info)
 
-    health = verbs.add_parser(
-        "health", allow_abbrev=False, help="check that a plaintext server is serving (no password)"
+    verbs.add_parser(
+        "health",
+        parents=[client_options],
+        allow_abbrev=False,
+        help="check that the server is serving (needs no password)",
     )
-    health.add_argument("--target", default=None)
-    health.add_argument("--connect-timeout", type=float, default=5.0)
     return parser

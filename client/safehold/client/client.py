@@ -124,7 +124,7 @@ class Client:
         self._metadata = ((PASSWORD_METADATA_KEY, password),)
         self._connect_timeout = connect_timeout
         self._attempts = attempts
-        self._channel = _channel(self.target, tls)
+        self._channel = open_channel(self.target, tls)
         self._stub = pb_grpc.BackupServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -407,7 +407,8 @@ def _safe_to_retry(exc: BaseException) -> bool:
     )
 
 
-def _channel(target: str, tls: TlsOptions | None) -> grpc.Channel:
+def open_channel(target: str, tls: TlsOptions | None) -> grpc.Channel:
+    """A channel to target: plaintext, or TLS (with a client certificate when given)."""
     options: Sequence[tuple[str, int]] = [
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_permit_without_calls", 0),
