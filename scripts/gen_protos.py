@@ -1,7 +1,8 @@
-"""Regenerate the Python stubs (and their .pyi type stubs) from protos/.
+"""Regenerate the Python stubs (and their .pyi type stubs) and
+docs/proto-reference.md from protos/.
 
-Run with `--check` to fail when the committed stubs differ from what protos/
-produces, so a contract change can never ship with stale code.
+Run with `--check` to fail when the committed stubs or reference differ from
+what protos/ produces, so a contract change can never ship with stale code.
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ import sys
 import tempfile
 from pathlib import Path
 
+from proto_reference import render
+
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 OUT = ROOT / "client"
 PACKAGE = Path("safehold") / "v1"
+REFERENCE = ROOT / "docs" / "proto-reference.md"
 
 
 def generate(out: Path) -> None:
     """Write the stubs for every .proto under protos/ into out/safehold/v1."""
     bin_dir = Path(sys.executable).parent
-    sources = sorted(str(p.relative_to(PROTOS)) for p in (PROTOS / PACKAGE).glob("*.proto"))
     (out / PACKAGE).mkdir(parents=True, exist_ok=True)
     subprocess.run(
         [
@@ -37,12 +40,16 @@ def generate(out: Path) -> None:
             f"--grpc_python_out={out}",
             f"--mypy_out={out}",
             f"--mypy_grpc_out={out}",
-            *sources,
+            *_sources(),
         ],
         check=True,
         cwd=PROTOS,
     )
     (out / PACKAGE / "__init__.py").write_text('"""Generated from protos/safehold/v1."""\n')
+
+
+def _sources() -> list[str]:
+    return sorted(str(p.relative_to(PROTOS)) for p in (PROTOS / PACKAGE).glob("*.proto"))
 
 
 def stale_files(expected: Path, actual: Path) -> list[str]:
@@ -64,15 +71,18 @@ def main() -> int:
         if target.exists():
             shutil.rmtree(target)
         generate(OUT)
-        print(f"generated {target.relative_to(ROOT)}")
+        REFERENCE.write_text(render(PROTOS, _sources()))
+        print(f"generated {target.relative_to(ROOT)} and {REFERENCE.relative_to(ROOT)}")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp))
         stale = stale_files(Path(tmp) / PACKAGE, OUT / PACKAGE)
+    if not REFERENCE.exists() or REFERENCE.read_text() != render(PROTOS, _sources()):
+        stale.append(str(REFERENCE.relative_to(ROOT)))
     if stale:
-        print("stale generated stubs, run `python scripts/gen_protos.py`: " + ", ".join(stale))
+        print("stale generated files, run `python scripts/gen_protos.py`: " + ", ".join(stale))
         return 1
-    print("generated stubs are up to date")
+    print("generated stubs and reference are up to date")
     return 0
 
 

@@ -320,7 +320,9 @@ class RestoreRequest(_message.Message):
 
     @_builtins.property
     def trailer(self) -> Global___Digest:
-        """Last frame: size and SHA-256 of all chunk bytes."""
+        """Last frame: size and SHA-256 of all chunk bytes. The client then
+        half-closes the stream; a frame after the trailer is refused.
+        """
 
     def __init__(
         self,
