@@ -114,6 +114,13 @@ def sqlite_content(path: Path) -> list[str]:
         return list(db.iterdump())
 
 
+def add_filler(db: Path, megabytes: int) -> None:
+    """Grow a SQLite database by incompressible rows, so streams take a while."""
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE filler (b BLOB)")
+        conn.executemany("INSERT INTO filler VALUES (randomblob(100000))", [()] * (megabytes * 10))
+
+
 def frames(
     data: bytes,
     *,

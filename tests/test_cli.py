@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import re
 import sqlite3
+import subprocess
 from pathlib import Path
 
-from helpers import Server, run_cli, sqlite_content
+from helpers import SAFEHOLD, Server, add_filler, run_cli, sqlite_content
 
 
 def test_backup_restore_info(sqlite_server: Server, sqlite_db: Path, tmp_path: Path) -> None:
@@ -80,3 +83,45 @@ def test_no_password_off_a_terminal(sqlite_server: Server) -> None:
     result = run_cli("info", env=env)
     assert result.returncode == 1
     assert "SAFEHOLD_PASSWORD" in result.stderr
+
+
+def test_progress_shows_on_a_terminal(
+    sqlite_server: Server, sqlite_db: Path, tmp_path: Path
+) -> None:
+    """With stderr on a pseudo-terminal the CLI draws bytes, rate and ETA."""
+    add_filler(sqlite_db, 60)
+    main, replica = pty.openpty()
+    try:
+        result = subprocess.run(
+            [SAFEHOLD, "restore", "--yes", str(_backup_for(sqlite_server, tmp_path))],
+            env=sqlite_server.client_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=replica,
+            timeout=60,
+            check=False,
+        )
+        os.close(replica)
+        drawn = b""
+        while True:
+            try:
+                data = os.read(main, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            drawn += data
+    finally:
+        os.close(main)
+    assert result.returncode == 0
+    screen = drawn.decode()
+    receiving = [line for line in screen.split("\n") if "receiving" in line]
+    assert receiving and "\r" in receiving[0]
+    assert "MiB/s" in receiving[0] and "ETA" in receiving[0]
+    assert re.search(r"receiving\s+(\d+\.\d) MiB / \1 MiB", receiving[0])  # ends full
+
+
+def _backup_for(server: Server, tmp_path: Path) -> Path:
+    out = tmp_path / "for-progress.sqlite"
+    assert run_cli("backup", "-o", str(out), env=server.client_env()).returncode == 0
+    return out

@@ -15,6 +15,7 @@ import pytest
 from conftest import PASSWORD, PgDatabase
 from helpers import (
     Server,
+    add_filler,
     error_reason,
     frames,
     held_before_trailer,
@@ -26,12 +27,6 @@ from helpers import (
 from safehold.client import Busy, Client
 from safehold.v1 import backup_service_pb2 as pb
 from safehold.v1 import backup_service_pb2_grpc as pb_grpc
-
-
-def add_filler(db: Path, megabytes: int) -> None:
-    with sqlite3.connect(db) as conn:
-        conn.execute("CREATE TABLE filler (b BLOB)")
-        conn.executemany("INSERT INTO filler VALUES (randomblob(100000))", [()] * (megabytes * 10))
 
 
 def peak_rss_mib(server: Server) -> float:

@@ -31,3 +31,21 @@ def test_server_info(client: Client) -> None:
     assert info.database_name == "app"
     assert info.database_size_bytes > 0
     assert info.tool_versions["sqlite"] == info.engine_version
+
+
+def test_reflection_serves_the_contract(sqlite_server: Server) -> None:
+    """What grpcurl does: fetch the service's file descriptor by symbol."""
+    from google.protobuf import descriptor_pb2
+
+    with sqlite_server.channel() as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="safehold.v1.BackupService"
+        )
+        reply = next(iter(stub.ServerReflectionInfo(iter([request]), timeout=5)))
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in reply.file_descriptor_response.file_descriptor_proto
+    ]
+    services = {s.name: [m.name for m in s.method] for f in files for s in f.service}
+    assert services["BackupService"] == ["Backup", "Restore", "GetServerInfo"]

@@ -19,24 +19,33 @@ class TerminalProgress:
         self._phase = ""
         self._phase_started = time.monotonic()
         self._last_draw = 0.0
+        self._last: Progress | None = None
 
     def __call__(self, progress: Progress) -> None:
         now = time.monotonic()
         if progress.phase != self._phase:
-            if self._phase:
-                self._stream.write("\n")
+            self.finish()
             self._phase = progress.phase
             self._phase_started = now
         elif now - self._last_draw < self._min_interval:
+            self._last = progress
             return
-        self._last_draw = now
-        self._stream.write("\r\x1b[K" + _line(progress, now - self._phase_started))
-        self._stream.flush()
+        self._draw(progress, now)
 
     def finish(self) -> None:
+        """End the current line, showing where its phase got to."""
+        if self._last is not None:
+            self._draw(self._last, time.monotonic())
         if self._phase:
             self._stream.write("\n")
             self._stream.flush()
+        self._phase = ""
+
+    def _draw(self, progress: Progress, now: float) -> None:
+        self._last_draw = now
+        self._last = None
+        self._stream.write("\r\x1b[K" + _line(progress, now - self._phase_started))
+        self._stream.flush()
 
 
 def _line(progress: Progress, elapsed: float) -> str:
