@@ -11,12 +11,14 @@ import argparse
 import logging
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
 log = logging.getLogger(__name__)
+N = TypeVar("N", int, float)
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 EMBEDDED_SQLITE_NAME = "safehold.sqlite"
@@ -174,24 +176,25 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         data_dir=data_dir,
         spool_dir=Path(pick(args.spool_dir, "SPOOL_DIR") or data_dir / "spool"),
         pre_restore_path=Path(pre_restore) if pre_restore else None,
-        max_upload_bytes=_non_negative_int(
-            pick(args.max_upload_bytes, "MAX_UPLOAD_BYTES") or "0", "max upload bytes"
+        max_upload_bytes=_non_negative(
+            pick(args.max_upload_bytes, "MAX_UPLOAD_BYTES") or "0", "max upload bytes", int
         ),
         tls=TlsConfig(Path(cert), Path(key), Path(client_ca) if client_ca else None)
         if cert and key
         else None,
-        lock_timeout_seconds=_seconds(
-            pick(args.lock_timeout, "LOCK_TIMEOUT") or "30", "lock timeout"
+        lock_timeout_seconds=_non_negative(
+            pick(args.lock_timeout, "LOCK_TIMEOUT") or "30", "lock timeout", float
         ),
         max_concurrent_backups=max(
             1,
-            _non_negative_int(
+            _non_negative(
                 pick(args.max_concurrent_backups, "MAX_CONCURRENT_BACKUPS") or "8",
                 "max concurrent backups",
+                int,
             ),
         ),
-        shutdown_grace_seconds=_seconds(
-            pick(args.shutdown_grace, "SHUTDOWN_GRACE") or "30", "shutdown grace"
+        shutdown_grace_seconds=_non_negative(
+            pick(args.shutdown_grace, "SHUTDOWN_GRACE") or "30", "shutdown grace", float
         ),
         log_json=(pick(args.log_json, "LOG_JSON") or "").lower() in ("1", "true", "yes"),
         metrics_listen=pick(args.metrics_listen, "METRICS_LISTEN"),
@@ -281,21 +284,12 @@ def _default_data_dir(environ: Mapping[str, str]) -> Path:
     return Path(base) / "safehold"
 
 
-def _seconds(text: str, what: str) -> float:
+def _non_negative(text: str, what: str, kind: Callable[[str], N]) -> N:
+    """text as a number of the given kind (int or float), refused when negative."""
     try:
-        value = float(text)
+        value = kind(text)
     except ValueError:
-        raise ConfigError(f"{what} must be a number of seconds, not {text!r}") from None
-    if value < 0:
-        raise ConfigError(f"{what} must not be negative")
-    return value
-
-
-def _non_negative_int(text: str, what: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ConfigError(f"{what} must be a whole number, not {text!r}") from None
+        raise ConfigError(f"{what} must be a number, not {text!r}") from None
     if value < 0:
         raise ConfigError(f"{what} must not be negative")
     return value
