@@ -68,18 +68,14 @@ def timed(fn: Callable[[], object]) -> float:
 
 def run_client(server: Server, *args: str) -> tuple[dict[str, object], float]:
     """bench/client_run.py in its own process: its JSON report and peak RSS in MiB."""
-    process = subprocess.Popen(
+    result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "client_run.py"), *args],
         env=server.client_env(),
         stdout=subprocess.PIPE,
+        check=True,
     )
-    _, status, usage = os.wait4(process.pid, 0)
-    assert process.stdout is not None
-    output = process.stdout.read()
-    process.stdout.close()
-    if status != 0:
-        raise RuntimeError(f"client failed: {args}")
-    return json.loads(output), usage.ru_maxrss / 1024
+    report = json.loads(result.stdout)
+    return report, int(report["peak_rss_kib"]) / 1024
 
 
 def server_peak_mib(server: Server) -> float:

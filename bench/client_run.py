@@ -1,7 +1,7 @@
 """One safehold client call, timed from inside, for bench.py.
 
-Runs as its own process so that bench.py can read its peak RSS (wait4) apart
-from everything else. Prints one JSON line: seconds, time to first chunk, and
+Runs as its own process so that its peak RSS is its own, apart from
+everything else. Prints one JSON line: seconds, time to first chunk, and
 for a restore when each phase began.
 """
 
@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 
 from safehold.client import Client, Progress
 
@@ -35,7 +36,25 @@ def main() -> None:
             size = result.size_bytes
         else:
             size = client.restore(args.path, on_progress=on_progress).bytes_restored
-    print(json.dumps({"seconds": time.perf_counter() - started, "bytes": size, "phases": phases}))
+    print(
+        json.dumps(
+            {
+                "seconds": time.perf_counter() - started,
+                "bytes": size,
+                "phases": phases,
+                "peak_rss_kib": _peak_rss_kib(),
+            }
+        )
+    )
+
+
+def _peak_rss_kib() -> int:
+    """This process's own high-water RSS. (wait4's ru_maxrss would also count the
+    parent's memory at fork, before exec.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 if __name__ == "__main__":
