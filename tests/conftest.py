@@ -14,6 +14,7 @@ import psycopg
 import pytest
 from helpers import Server, start_server
 from pg import Cluster, cluster
+
 from safehold.client import Client
 
 PASSWORD = "correct horse 'battery' \"staple\" $HOME ; & | \\"

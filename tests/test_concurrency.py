@@ -24,6 +24,7 @@ from helpers import (
     sqlite_content,
     start_server,
 )
+
 from safehold.client import Busy, Client
 from safehold.v1 import backup_service_pb2 as pb
 from safehold.v1 import backup_service_pb2_grpc as pb_grpc

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from helpers import run_cli
+
 from safehold.server import config
 from safehold.server.config import ConfigError, PostgresTarget, SqliteTarget
 

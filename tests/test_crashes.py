@@ -19,6 +19,7 @@ import pytest
 from conftest import PASSWORD, PgDatabase, make_sqlite_db
 from helpers import Server, frames, raw_restore, spool_leftovers, sqlite_content, start_server
 from pg import Cluster
+
 from safehold.v1 import backup_service_pb2 as pb
 
 PHASES = ["RECEIVING", "VERIFYING", "PRE_RESTORE_BACKUP", "RESTORING"]

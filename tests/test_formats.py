@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+
 from safehold.formats import engine_of, sniff
 from safehold.v1 import backup_service_pb2 as pb
 

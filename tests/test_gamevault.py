@@ -11,6 +11,7 @@ from pathlib import Path
 from conftest import PASSWORD, PgDatabase, make_sqlite_db
 from helpers import sqlite_content, start_server
 from pg import Cluster
+
 from safehold.client import Client
 
 

@@ -22,6 +22,7 @@ from helpers import (
     sqlite_content,
     start_server,
 )
+
 from safehold.client import AuthenticationFailed, Client
 from safehold.v1 import backup_service_pb2 as pb
 

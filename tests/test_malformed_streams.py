@@ -10,6 +10,7 @@ import grpc
 from helpers import Server, error_reason, raw_restore, spool_leftovers, sqlite_content
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from safehold.contract import Reason
 from safehold.v1 import backup_service_pb2 as pb
 

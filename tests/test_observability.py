@@ -9,6 +9,7 @@ from pathlib import Path
 
 from conftest import PASSWORD
 from helpers import frames, raw_restore, start_server
+
 from safehold.client import Client
 from safehold.v1 import backup_service_pb2_grpc as pb_grpc
 

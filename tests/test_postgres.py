@@ -26,6 +26,7 @@ from helpers import (
     start_server,
 )
 from pg import Cluster
+
 from safehold.client import BackupFailed, Busy, Client, RestoreFailed, VersionMismatch
 from safehold.v1 import backup_service_pb2 as pb
 from safehold.v1 import backup_service_pb2_grpc as pb_grpc

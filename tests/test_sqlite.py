@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import PASSWORD, make_sqlite_db
 from helpers import Server, spool_leftovers, sqlite_content, start_server
+
 from safehold.client import Client, Progress
 
 

@@ -27,6 +27,7 @@ from typing import BinaryIO, TypeVar
 import grpc
 import tenacity
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from safehold.client.errors import (
     ConnectionFailed,
     EngineMismatch,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+
 from safehold.contract import (
     DATABASE_STATE_KEY,
     PRE_RESTORE_PATH_KEY,

@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from safehold.contract import SERVICE_NAME
 from safehold.files import remove_partials
 from safehold.server import config as config_module

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
+
 from safehold.contract import PASSWORD_METADATA_KEY, SERVICE_NAME
 from safehold.server.errors import Unauthenticated
 

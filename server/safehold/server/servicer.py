@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
+
 from safehold.contract import REQUEST_ID_KEY, DatabaseState, Reason
 from safehold.formats import engine_label
 from safehold.server.config import Config

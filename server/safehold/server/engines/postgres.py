@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import psycopg
+
 from safehold.files import atomic_path, private_temp_file
 from safehold.formats import SNIFF_BYTES, sniff
 from safehold.server.config import PostgresTarget
