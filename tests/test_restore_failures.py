@@ -269,3 +269,27 @@ def test_sigterm_during_upload_ends_it_clearly(tmp_path: Path, sqlite_db: Path) 
     assert time.monotonic() - started < 15  # ended by the check, not by the grace period
     assert sqlite_content(sqlite_db) == before
     assert spool_leftovers(server) == []
+
+
+def test_stalled_upload_is_ended_and_frees_the_server(tmp_path: Path, sqlite_db: Path) -> None:
+    server = start_server(
+        tmp_path, f"sqlite:///{sqlite_db}", PASSWORD, "--upload-idle-timeout", "1"
+    )
+    try:
+        with sqlite3.connect(sqlite_db) as db:
+            db.execute("CREATE TABLE marker (x)")
+        before = sqlite_content(sqlite_db)
+        data = sqlite_db.read_bytes()
+        never = threading.Event()
+        started = time.monotonic()
+        _, err = raw_restore(server, held_before_trailer(frames(data), never))
+        assert err is not None and err.code() == grpc.StatusCode.CANCELLED
+        assert time.monotonic() - started < 10
+        assert "no data from the client for 1s" in server.log()
+        assert sqlite_content(sqlite_db) == before
+        assert spool_leftovers(server) == []
+        _, err = raw_restore(server, frames(data))  # the restore lock is free again
+        assert err is None
+    finally:
+        never.set()
+        server.stop()

@@ -69,6 +69,7 @@ class Config:
     tls: TlsConfig | None
     lock_timeout_seconds: float
     shutdown_grace_seconds: float
+    upload_idle_timeout_seconds: float
     max_concurrent_backups: int
     log_json: bool
     metrics_listen: str | None
@@ -136,6 +137,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "default 30 " + env % "SAFEHOLD_SHUTDOWN_GRACE",
     )
     parser.add_argument(
+        "--upload-idle-timeout",
+        type=float,
+        help="end an upload that sends nothing for this many seconds, default 60; 0 never "
+        + env % "SAFEHOLD_UPLOAD_IDLE_TIMEOUT",
+    )
+    parser.add_argument(
         "--metrics-listen",
         help="serve Prometheus metrics on host:port, e.g. 127.0.0.1:9464; off by default "
         + env % "SAFEHOLD_METRICS_LISTEN",
@@ -195,6 +202,11 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         ),
         shutdown_grace_seconds=_non_negative(
             pick(args.shutdown_grace, "SHUTDOWN_GRACE") or "30", "shutdown grace", float
+        ),
+        upload_idle_timeout_seconds=_non_negative(
+            pick(args.upload_idle_timeout, "UPLOAD_IDLE_TIMEOUT") or "60",
+            "upload idle timeout",
+            float,
         ),
         log_json=(pick(args.log_json, "LOG_JSON") or "").lower() in ("1", "true", "yes"),
         metrics_listen=pick(args.metrics_listen, "METRICS_LISTEN"),

@@ -45,6 +45,7 @@ from safehold.server.gate import ReadWriteGate
 from safehold.server.logs import request_id
 from safehold.server.metrics import Metrics
 from safehold.server.spool import Spool
+from safehold.server.watchdog import IdleWatchdog
 from safehold.v1 import backup_service_pb2 as pb
 from safehold.v1 import backup_service_pb2_grpc as pb_grpc
 
@@ -213,7 +214,18 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
     ) -> Iterator[pb.RestoreResponse]:
         self._refuse_when_stopping()
         started = time.monotonic()
-        header = self._read_header(request_iterator)
+        with IdleWatchdog(
+            request_iterator, context, self._config.upload_idle_timeout_seconds
+        ) as requests:
+            yield from self._restore(requests, context, started)
+
+    def _restore(
+        self,
+        requests: IdleWatchdog[pb.RestoreRequest],
+        context: grpc.ServicerContext,
+        started: float,
+    ) -> Iterator[pb.RestoreResponse]:
+        header = self._read_header(requests)
         options = RestoreOptions(
             allow_version_mismatch=header.allow_version_mismatch,
             terminate_blocking_sessions=header.terminate_blocking_sessions,
@@ -224,7 +236,8 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
         try:
             log.info("restore started from %s", context.peer())
             with Spool(self._config.spool_dir, self._config.max_upload_bytes) as spool:
-                yield from self._receive(request_iterator, spool, header, context)
+                yield from self._receive(requests, spool, header, context)
+                requests.stop()
                 yield _phase(pb.RESTORE_PHASE_VERIFYING, spool.size, spool.size)
                 for notice in self._engine.inspect(spool.path, options):
                     yield _notice(notice)
@@ -277,7 +290,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
         if self._stopping.is_set():
             raise ShuttingDown("the server is shutting down; retry against its replacement")
 
-    def _read_header(self, requests: Iterator[pb.RestoreRequest]) -> pb.RestoreHeader:
+    def _read_header(self, requests: IdleWatchdog[pb.RestoreRequest]) -> pb.RestoreHeader:
         first = _next_frame(requests)
         if first is None:
             raise TruncatedUpload("the upload ended before its header")
@@ -299,7 +312,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
 
     def _receive(
         self,
-        requests: Iterator[pb.RestoreRequest],
+        requests: IdleWatchdog[pb.RestoreRequest],
         spool: Spool,
         header: pb.RestoreHeader,
         context: grpc.ServicerContext,
@@ -373,11 +386,15 @@ def _still_wanted(context: grpc.ServicerContext) -> None:
         raise Cancelled("the client went away; the restore stopped before touching the database")
 
 
-def _next_frame(requests: Iterator[pb.RestoreRequest]) -> pb.RestoreRequest | None:
+def _next_frame(requests: IdleWatchdog[pb.RestoreRequest]) -> pb.RestoreRequest | None:
     """The next frame, None at the end of the stream; a vanished client is Cancelled."""
     try:
         return next(requests, None)
     except grpc.RpcError:
+        if requests.fired:
+            raise Cancelled(
+                f"the client sent nothing for {requests.timeout:g}s; the upload was abandoned"
+            ) from None
         raise Cancelled("the client went away during the upload") from None
 
 
