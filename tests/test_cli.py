@@ -66,6 +66,14 @@ def test_errors_are_one_line_and_say_what_happened(
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "[UNAUTHENTICATED]" in result.stderr
 
+    truncated = tmp_path / "truncated.sqlite"
+    truncated.write_bytes(sqlite_db.read_bytes()[:5000])
+    result = run_cli("restore", str(truncated), "--yes", env=sqlite_server.client_env())
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "[NOT_A_BACKUP]" in result.stderr and "unchanged" in result.stderr
+    request = re.search(r"\(request (\w+) in the server log\)", result.stderr)
+    assert request and f"[{request.group(1)}]" in sqlite_server.log()
+
     noise = tmp_path / "noise.bin"
     noise.write_bytes(os.urandom(3000))
     result = run_cli("restore", str(noise), "--yes", env=sqlite_server.client_env())

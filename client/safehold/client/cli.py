@@ -150,7 +150,8 @@ def _explain(err: SafeholdError) -> str:
     text = err.message
     if state and state not in text:
         text += f" ({state})"
-    return f"{text} [{err.reason}]"
+    request = f" (request {err.request_id} in the server log)" if err.request_id else ""
+    return f"{text} [{err.reason}]{request}"
 
 
 def _password() -> str:

@@ -14,6 +14,7 @@ from grpc_status import rpc_status
 from safehold.contract import (
     DATABASE_STATE_KEY,
     PRE_RESTORE_PATH_KEY,
+    REQUEST_ID_KEY,
     DatabaseState,
     Reason,
 )
@@ -30,6 +31,7 @@ class SafeholdError(Exception):
         code: grpc.StatusCode | None = None,
         database_state: DatabaseState | None = None,
         pre_restore_path: str | None = None,
+        request_id: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -37,6 +39,8 @@ class SafeholdError(Exception):
         self.code = code
         self.database_state = database_state
         self.pre_restore_path = pre_restore_path
+        self.request_id = request_id
+        """The server's id for the call: every server log line of it carries this id."""
 
 
 class ConnectionFailed(SafeholdError):
@@ -128,6 +132,7 @@ def from_rpc_error(error: grpc.RpcError) -> SafeholdError:
     code: grpc.StatusCode = error.code()
     message: str = error.details() or code.name
     status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    request_id = _request_id(error)
     for detail in status.details if status else ():
         info = error_details_pb2.ErrorInfo()
         if detail.Unpack(info):
@@ -138,7 +143,19 @@ def from_rpc_error(error: grpc.RpcError) -> SafeholdError:
                 code=code,
                 database_state=_state(state),
                 pre_restore_path=info.metadata.get(PRE_RESTORE_PATH_KEY),
+                request_id=request_id,
             )
     if code == grpc.StatusCode.UNAVAILABLE:
         message = f"cannot reach the safehold server: {message}"
-    return _BY_CODE.get(code, SafeholdError)(message, reason=code.name, code=code)
+    return _BY_CODE.get(code, SafeholdError)(
+        message, reason=code.name, code=code, request_id=request_id
+    )
+
+
+def _request_id(error: grpc.RpcError) -> str | None:
+    """The id the server sent back in the call's initial metadata, if it got that far."""
+    initial = getattr(error, "initial_metadata", None)
+    for key, value in (initial() if initial else None) or ():
+        if key == REQUEST_ID_KEY:
+            return str(value)
+    return None
