@@ -286,6 +286,7 @@ def test_stalled_upload_is_ended_and_frees_the_server(tmp_path: Path, sqlite_db:
         assert err is not None and err.code() == grpc.StatusCode.CANCELLED
         assert time.monotonic() - started < 10
         assert "no data from the client for 1s" in server.log()
+        _wait_for(lambda: "the upload was abandoned" in server.log())  # cleanup has run
         assert sqlite_content(sqlite_db) == before
         assert spool_leftovers(server) == []
         _, err = raw_restore(server, frames(data))  # the restore lock is free again
