@@ -97,6 +97,13 @@ class Cluster:
             "PGPASSWORD": self.superuser_password,
         }
 
+    def dump(self, dbname: str, dest: Path, *flags: str, env: dict[str, str] | None = None) -> Path:
+        """Run pg_dump outside safehold, as an operator or GameVault would."""
+        subprocess.run(
+            ["pg_dump", *flags, "-f", str(dest), dbname], env=env or self.env(), check=True
+        )
+        return dest
+
     def stop(self) -> None:
         self.process.send_signal(signal.SIGINT)
         try:

@@ -138,11 +138,7 @@ def test_postgres_killed_in_each_phase(
     phase: str, big_pg_db: PgDatabase, pg_cluster: Cluster, tmp_path: Path
 ) -> None:
     archive = tmp_path / "new.dump"
-    subprocess.run(
-        ["pg_dump", "-Fc", "-Z0", "-f", str(archive), big_pg_db.name],
-        env=pg_cluster.env(),
-        check=True,
-    )
+    pg_cluster.dump(big_pg_db.name, archive, "-Fc", "-Z0")
     new = pg_state(big_pg_db)
     big_pg_db.execute("DELETE FROM items WHERE id % 3 = 0; CREATE TABLE marker (x int);")
     old = pg_state(big_pg_db)

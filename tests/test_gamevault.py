@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
-import subprocess
 from pathlib import Path
 
 from conftest import PASSWORD, PgDatabase, make_sqlite_db
@@ -44,12 +43,13 @@ def test_postgres_from_gamevault_environment(
         "CREATE TABLE games (id int PRIMARY KEY, title text); "
         "INSERT INTO games VALUES (1, 'Celeste'), (2, 'Hades');"
     )
-    tar = tmp_path / "gamevault-backup.tar"
     # GameVault's /api/admin/database/backup runs pg_dump -F t.
-    subprocess.run(
-        ["pg_dump", "-F", "t", "-f", str(tar), pg_db.name],
+    tar = pg_cluster.dump(
+        pg_db.name,
+        tmp_path / "gamevault-backup.tar",
+        "-F",
+        "t",
         env={**pg_cluster.env(), "PGUSER": pg_db.role, "PGPASSWORD": PASSWORD},
-        check=True,
     )
     pg_db.execute("DROP TABLE games; CREATE TABLE leftover (x int);")
     gamevault_env = {

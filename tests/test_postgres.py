@@ -190,10 +190,7 @@ def test_tar_archive_made_outside_restores(
     pg_client: Client, rich_db: PgDatabase, pg_cluster: Cluster, tmp_path: Path
 ) -> None:
     original = fingerprint(rich_db)
-    tar = tmp_path / "gamevault-style.tar"
-    subprocess.run(
-        ["pg_dump", "-F", "t", "-f", str(tar), rich_db.name], env=pg_cluster.env(), check=True
-    )
+    tar = pg_cluster.dump(rich_db.name, tmp_path / "gamevault-style.tar", "-F", "t")
     rich_db.execute("DROP SCHEMA shop CASCADE; CREATE TABLE public.junk (x int);")
 
     pg_client.restore(tar)
@@ -205,12 +202,7 @@ def test_plain_sql_dump_restores(
     pg_client: Client, rich_db: PgDatabase, pg_cluster: Cluster, tmp_path: Path
 ) -> None:
     original = fingerprint(rich_db)
-    script = tmp_path / "plain.sql"
-    subprocess.run(
-        ["pg_dump", "-F", "p", "--no-owner", "-f", str(script), rich_db.name],
-        env=pg_cluster.env(),
-        check=True,
-    )
+    script = pg_cluster.dump(rich_db.name, tmp_path / "plain.sql", "-F", "p", "--no-owner")
     rich_db.execute("DELETE FROM shop.orders")
     pg_client.restore(script)
     assert fingerprint(rich_db) == original
@@ -219,12 +211,7 @@ def test_plain_sql_dump_restores(
 def test_plain_dump_failing_on_its_last_statement_changes_nothing(
     pg_client: Client, rich_db: PgDatabase, pg_cluster: Cluster, tmp_path: Path
 ) -> None:
-    script = tmp_path / "fails-last.sql"
-    subprocess.run(
-        ["pg_dump", "-F", "p", "--no-owner", "-f", str(script), rich_db.name],
-        env=pg_cluster.env(),
-        check=True,
-    )
+    script = pg_cluster.dump(rich_db.name, tmp_path / "fails-last.sql", "-F", "p", "--no-owner")
     with open(script, "a") as f:
         f.write("\nSELECT 1 / 0;\n")
     rich_db.execute("UPDATE shop.customer SET name = 'current'; CREATE TABLE public.keep (x int);")
@@ -473,10 +460,7 @@ def test_owners_and_grantees_missing_here_are_skipped_with_a_notice(
         admin.execute("CREATE TABLE public.haunted (x int); INSERT INTO haunted VALUES (42)")
         admin.execute("ALTER TABLE public.haunted OWNER TO ghost_owner")
         admin.execute("GRANT SELECT ON public.haunted TO ghost_reader")
-    archive = tmp_path / "foreign.dump"
-    subprocess.run(
-        ["pg_dump", "-Fc", "-f", str(archive), source.name], env=pg_cluster.env(), check=True
-    )
+    archive = pg_cluster.dump(source.name, tmp_path / "foreign.dump", "-Fc")
     with pg_cluster.connect(source.name) as admin:
         admin.execute("DROP TABLE public.haunted; DROP ROLE ghost_owner; DROP ROLE ghost_reader")
 
