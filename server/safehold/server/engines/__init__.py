@@ -38,6 +38,8 @@ class EngineInfo:
     database_name: str
     size_bytes: int
     tool_versions: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    """What the operator should fix, such as a role with more rights than it needs."""
 
 
 @dataclass(frozen=True)
