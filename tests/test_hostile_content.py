@@ -27,16 +27,19 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import PgDatabase, new_pg_database
-from helpers import Server, error_reason, frames, raw_restore, start_server
+from conftest import PASSWORD, PgDatabase, new_pg_database
+from helpers import Server, error_reason, frames, raw_restore, run_cli, start_server
 from pg import Cluster
 from test_postgres import fingerprint
 
+from safehold.client import Client
 from safehold.v1 import backup_service_pb2 as pb
 
 HEADER = "--\n-- PostgreSQL database dump\n--\n\nSET standard_conforming_strings = on;\n"
@@ -339,3 +342,76 @@ def test_children_never_see_the_servers_secrets(victim: PgDatabase, tmp_path: Pa
     assert len(offline) >= 2
     assert all(victim.password not in text for text in offline)
     assert any(f"PGPASSWORD={victim.password}" in t for n, t in seen.items() if "psql" in n)
+
+
+def test_the_compose_init_script_makes_a_role_without_warnings(
+    pg_cluster: Cluster, tmp_path: Path
+) -> None:
+    """README's compose example runs examples/compose/initdb/ as the postgres image does."""
+    script = Path(__file__).parent.parent / "examples/compose/initdb/10-gamevault-role.sh"
+    env = {
+        **pg_cluster.env(),
+        "POSTGRES_USER": "postgres",
+        "DB_USERNAME": "gamevault_compose",
+        "DB_PASSWORD": PASSWORD,
+        "DB_DATABASE": "gamevault_compose",
+    }
+    subprocess.run([str(script)], env=env, check=True, capture_output=True)
+    url = f"postgresql://gamevault_compose@127.0.0.1:{pg_cluster.port}/gamevault_compose"
+    server = start_server(tmp_path, url, PASSWORD)
+    try:
+        with Client(server.target, PASSWORD) as client:
+            assert client.server_info().warnings == []
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("power", ["SUPERUSER", "CREATEROLE", "pg_read_server_files"])
+def test_a_role_with_rights_beyond_its_database_is_warned_about(
+    power: str, pg_cluster: Cluster, tmp_path: Path
+) -> None:
+    db = new_pg_database(pg_cluster)
+    with pg_cluster.connect() as admin:
+        grant = "GRANT {} TO {}" if power.startswith("pg_") else "ALTER ROLE {1} {0}"
+        admin.execute(grant.format(power, db.role))
+    server = start_server(tmp_path, db.url, db.password)
+    try:
+        with Client(server.target, db.password) as client:
+            warnings = client.server_info().warnings
+        assert len(warnings) == 1 and power in warnings[0] and "COPY" in warnings[0]
+        assert power in server.log()
+        run = run_cli("info", env=server.client_env())
+        assert "warning:" in run.stdout and power in run.stdout
+    finally:
+        server.stop()
+
+
+def test_a_psql_without_restrict_keeps_the_server_from_starting(
+    pg_db: PgDatabase, tmp_path: Path
+) -> None:
+    """psql 15.13 cannot \\restrict: an upload's meta-commands would have only the lexer
+    in their way, so safehold refuses to run with it and names what to install."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("pg_dump", "pg_restore"):
+        (bin_dir / tool).symlink_to(str(shutil.which(tool)))
+    fake = bin_dir / "psql"
+    fake.write_text("#!/bin/sh\necho 'psql (PostgreSQL) 15.13 (Debian 15.13-0+deb12u1)'\n")
+    fake.chmod(0o755)
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "SAFEHOLD_DATABASE_URL": pg_db.url,
+        "SAFEHOLD_PASSWORD": pg_db.password,
+        "SAFEHOLD_DATA_DIR": str(tmp_path / "data"),
+    }
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "safehold"), "serve", "--listen", "127.0.0.1:0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode != 0
+    assert "psql 15.13 cannot restrict" in run.stderr + run.stdout
+    assert "15.14" in run.stderr + run.stdout

@@ -105,4 +105,9 @@ def open_engine(config: Config) -> Engine:
         return PostgresEngine(config.target, config.password, config.lock_timeout_seconds)
     from safehold.server.engines.sqlite import SqliteEngine
 
-    return SqliteEngine(config.target, config.spool_dir, config.lock_timeout_seconds)
+    return SqliteEngine(
+        config.target,
+        config.spool_dir,
+        config.lock_timeout_seconds,
+        inspect_timeout=config.inspect_timeout_seconds,
+    )
