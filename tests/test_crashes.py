@@ -48,23 +48,24 @@ def kill_during(server: Server, phase: str, data: bytes) -> None:
     assert not uploader.is_alive()
 
 
-def safehold_children() -> list[str]:
-    """psql, pg_dump or pg_restore processes started by any safehold server."""
+def safehold_children(tmp_path: Path, port: int) -> list[str]:
+    """psql, pg_dump or pg_restore processes started by this test's server: those that
+    connect to its cluster, or read a file under its directory (other tests may run
+    side by side on the same machine)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            environ = (entry / "environ").read_bytes()
-            argv0 = (entry / "cmdline").read_bytes().split(b"\0")[0]
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"PGAPPNAME=safehold" in environ and Path(argv0.decode()).name in (
-            "psql",
-            "pg_dump",
-            "pg_restore",
-        ):
-            found.append(argv0.decode())
+        ours = f"PGPORT={port}".encode() in environ or any(
+            str(tmp_path).encode() in arg for arg in argv
+        )
+        if ours and Path(argv[0].decode()).name in ("psql", "pg_dump", "pg_restore"):
+            found.append(argv[0].decode())
     return found
 
 
@@ -146,7 +147,10 @@ def test_postgres_killed_in_each_phase(
 
     kill_during(server, phase, archive.read_bytes())
 
-    assert wait_until(lambda: not safehold_children()), safehold_children()
+    port = pg_cluster.port
+    assert wait_until(lambda: not safehold_children(tmp_path, port)), safehold_children(
+        tmp_path, port
+    )
     assert wait_until(lambda: pg_state(big_pg_db) in (old, new))
     again = restart(server, tmp_path, big_pg_db.url)
     try:

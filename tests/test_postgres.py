@@ -480,7 +480,9 @@ def test_info_names_versions_and_size(pg_client: Client, pg_db: PgDatabase) -> N
     assert info.engine == "PostgreSQL"
     assert info.database_name == pg_db.name
     assert info.database_size_bytes > 1_000_000
-    assert set(info.tool_versions) == {"pg_dump", "pg_restore", "psql"}
+    assert set(info.tool_versions) == {"pg_dump", "pg_restore", "psql", "psql (minimum)"}
+    assert "15.14" in info.tool_versions["psql (minimum)"]
+    assert info.warnings == []  # the owner role holds no rights beyond its database
     with pg_db.connect() as conn:
         version = conn.execute("SHOW server_version").fetchone()
     assert version is not None and str(version[0]).startswith(info.engine_version)

@@ -104,6 +104,8 @@ def _info(client: Client, args: argparse.Namespace) -> int:
     print(f"safehold:      {info.safehold_version}")
     limit = str(info.max_upload_bytes) + " bytes" if info.max_upload_bytes else "none"
     print(f"upload limit:  {limit}")
+    for warning in info.warnings:
+        print(f"warning:       {warning}")
     return 0
 
 

@@ -76,6 +76,8 @@ class ServerInfo:
     safehold_version: str
     tool_versions: dict[str, str]
     max_upload_bytes: int
+    warnings: list[str]
+    """What the operator should fix on the server side (e.g. a superuser role)."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,7 @@ class Client:
                 safehold_version=reply.safehold_version,
                 tool_versions=dict(reply.tool_versions),
                 max_upload_bytes=reply.max_upload_bytes,
+                warnings=list(reply.warnings),
             )
 
         return self._retrying(call)

@@ -527,6 +527,7 @@ class GetServerInfoResponse(_message.Message):
     SAFEHOLD_VERSION_FIELD_NUMBER: _builtins.int
     TOOL_VERSIONS_FIELD_NUMBER: _builtins.int
     MAX_UPLOAD_BYTES_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
     engine: Global___Engine.ValueType
     """Engine of the database."""
     engine_version: _builtins.str
@@ -543,6 +544,12 @@ class GetServerInfoResponse(_message.Message):
     def tool_versions(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Versions of the tools the server runs, e.g. pg_dump and pg_restore."""
 
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What an operator should fix, e.g. a PostgreSQL role with more rights than
+        owning its database (a restored dump runs with them).
+        """
+
     def __init__(
         self,
         *,
@@ -553,10 +560,11 @@ class GetServerInfoResponse(_message.Message):
         safehold_version: _builtins.str = ...,
         tool_versions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         max_upload_bytes: _builtins.int = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["database_name", b"database_name", "database_size_bytes", b"database_size_bytes", "engine", b"engine", "engine_version", b"engine_version", "max_upload_bytes", b"max_upload_bytes", "safehold_version", b"safehold_version", "tool_versions", b"tool_versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database_name", b"database_name", "database_size_bytes", b"database_size_bytes", "engine", b"engine", "engine_version", b"engine_version", "max_upload_bytes", b"max_upload_bytes", "safehold_version", b"safehold_version", "tool_versions", b"tool_versions", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -8,6 +8,7 @@ own temp files and child processes on the way out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sqlite3
@@ -26,6 +27,7 @@ from safehold.server import logs
 from safehold.server.auth import PasswordInterceptor
 from safehold.server.config import Config, SqliteTarget
 from safehold.server.engines import open_engine
+from safehold.server.errors import SafeholdError
 from safehold.server.metrics import Metrics
 from safehold.server.servicer import BackupServicer
 from safehold.server.spool import check_writable, remove_leftovers
@@ -86,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
 def build(config: Config) -> tuple[grpc.Server, BackupServicer, health.HealthServicer, int]:
     """A bound, not yet started server with the service, health and reflection."""
     engine = open_engine(config)
+    with contextlib.suppress(SafeholdError):  # a database not up yet is no reason to stop
+        for warning in engine.info().warnings:
+            log.warning("%s", warning)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="safehold"),
         interceptors=[PasswordInterceptor(config.password)],

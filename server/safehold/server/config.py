@@ -70,6 +70,7 @@ class Config:
     lock_timeout_seconds: float
     shutdown_grace_seconds: float
     upload_idle_timeout_seconds: float
+    inspect_timeout_seconds: float
     max_concurrent_backups: int
     log_json: bool
     metrics_listen: str | None
@@ -143,6 +144,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         + env % "SAFEHOLD_UPLOAD_IDLE_TIMEOUT",
     )
     parser.add_argument(
+        "--inspect-timeout",
+        type=float,
+        help="refuse an upload whose checks (SQLite's integrity check) take longer, "
+        "default 600 " + env % "SAFEHOLD_INSPECT_TIMEOUT",
+    )
+    parser.add_argument(
         "--metrics-listen",
         help="serve Prometheus metrics on host:port, e.g. 127.0.0.1:9464; off by default "
         + env % "SAFEHOLD_METRICS_LISTEN",
@@ -207,6 +214,9 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
             pick(args.upload_idle_timeout, "UPLOAD_IDLE_TIMEOUT") or "60",
             "upload idle timeout",
             float,
+        ),
+        inspect_timeout_seconds=_non_negative(
+            pick(args.inspect_timeout, "INSPECT_TIMEOUT") or "600", "inspect timeout", float
         ),
         log_json=(pick(args.log_json, "LOG_JSON") or "").lower() in ("1", "true", "yes"),
         metrics_listen=pick(args.metrics_listen, "METRICS_LISTEN"),

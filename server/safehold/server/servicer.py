@@ -142,6 +142,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
             safehold_version=SAFEHOLD_VERSION,
             tool_versions=info.tool_versions,
             max_upload_bytes=self._config.max_upload_bytes,
+            warnings=info.warnings,
         )
 
     @_serves("backup")

@@ -21,7 +21,7 @@ from safehold.v1 import backup_service_pb2 as pb
 log = logging.getLogger(__name__)
 
 SPOOL_PREFIX = "safehold-spool-"
-SCRATCH_PREFIXES = (SPOOL_PREFIX, "safehold-snapshot-")
+SCRATCH_PREFIXES = (SPOOL_PREFIX, "safehold-snapshot-", "safehold-acl-")
 
 
 class Spool:

@@ -38,6 +38,8 @@ class EngineInfo:
     database_name: str
     size_bytes: int
     tool_versions: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    """What the operator should fix, such as a role with more rights than it needs."""
 
 
 @dataclass(frozen=True)
@@ -103,4 +105,9 @@ def open_engine(config: Config) -> Engine:
         return PostgresEngine(config.target, config.password, config.lock_timeout_seconds)
     from safehold.server.engines.sqlite import SqliteEngine
 
-    return SqliteEngine(config.target, config.spool_dir, config.lock_timeout_seconds)
+    return SqliteEngine(
+        config.target,
+        config.spool_dir,
+        config.lock_timeout_seconds,
+        inspect_timeout=config.inspect_timeout_seconds,
+    )

@@ -4,6 +4,13 @@ The backup API copies a consistent image while the application keeps its
 connections open and keeps writing; restoring through the same API writes
 the new pages into the live file in one transaction, so open connections,
 WAL mode included, see the restored content and a failure changes nothing.
+
+An upload is a file from a stranger. It is checked the way SQLite's "Defense
+Against the Dark Arts" advises for untrusted database files: opened read-only
+and immutable, with trusted_schema off (the schema may not call functions with
+side effects), cell_size_check on, no attached databases, tight recursion
+limits, and a deadline on the checks through a progress handler, so that an
+index built to be slow is refused instead of holding the restore lock.
 """
 
 from __future__ import annotations
@@ -40,10 +47,18 @@ class SqliteEngine:
     dump_format = pb.DUMP_FORMAT_SQLITE_FILE
     file_suffix = ".sqlite"
 
-    def __init__(self, target: SqliteTarget, scratch_dir: Path, lock_timeout: float) -> None:
+    def __init__(
+        self,
+        target: SqliteTarget,
+        scratch_dir: Path,
+        lock_timeout: float,
+        *,
+        inspect_timeout: float = 600,
+    ) -> None:
         self._path = target.path
         self._scratch_dir = scratch_dir
         self._lock_timeout = lock_timeout
+        self._inspect_timeout = inspect_timeout
 
     def info(self) -> EngineInfo:
         size = sum(
@@ -87,16 +102,23 @@ class SqliteEngine:
                 )
             raise NotABackup("the upload is not a SQLite database (no SQLite header)")
         _check_page_alignment(head, path.stat().st_size)
+        deadline = time.monotonic() + self._inspect_timeout
         try:
-            with contextlib.closing(_connect_file(path, "ro", immutable=True)) as db:
+            with contextlib.closing(_connect_untrusted(path, deadline)) as db:
                 problems = [row[0] for row in db.execute("PRAGMA integrity_check(10)")]
         except sqlite3.DatabaseError as exc:
+            if time.monotonic() > deadline:
+                raise NotABackup(
+                    f"checking the upload took longer than {self._inspect_timeout:g}s "
+                    "(--inspect-timeout): it is refused rather than left holding the restore"
+                ) from None
             raise NotABackup(f"the upload is not a usable SQLite database: {exc}") from None
         if problems != ["ok"]:
             raise NotABackup("the upload fails SQLite's integrity check: " + "; ".join(problems))
         return []
 
     def restore(self, path: Path, options: RestoreOptions, notify: Notify) -> None:
+        _keep_journal_mode(path, self._path)
         with contextlib.closing(_connect_file(path, "ro", immutable=True)) as source:
             try:
                 self._copy(source, self._connect_live(), "restore")
@@ -155,6 +177,46 @@ def _connect_file(path: Path, mode: str, *, immutable: bool = False) -> sqlite3.
     if immutable:
         uri += "&immutable=1"
     return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+
+
+_UNTRUSTED_LIMITS = {
+    sqlite3.SQLITE_LIMIT_ATTACHED: 0,
+    sqlite3.SQLITE_LIMIT_TRIGGER_DEPTH: 10,
+    sqlite3.SQLITE_LIMIT_EXPR_DEPTH: 100,
+    sqlite3.SQLITE_LIMIT_FUNCTION_ARG: 32,
+}
+_PROGRESS_STEPS = 10_000
+"""Virtual machine steps between deadline checks: often enough, cheap enough."""
+_WAL_VERSION = 2
+"""Header bytes 18 and 19 (file format write and read versions): 2 means WAL, 1 rollback."""
+
+
+def _connect_untrusted(path: Path, deadline: float) -> sqlite3.Connection:
+    """A file from a stranger, opened the way SQLite advises for untrusted files."""
+    db = _connect_file(path, "ro", immutable=True)
+    for pragma in ("trusted_schema = OFF", "cell_size_check = ON", "mmap_size = 0"):
+        db.execute(f"PRAGMA {pragma}")
+    for limit, value in _UNTRUSTED_LIMITS.items():
+        db.setlimit(limit, value)
+    db.set_progress_handler(lambda: int(time.monotonic() > deadline), _PROGRESS_STEPS)
+    return db
+
+
+def _keep_journal_mode(upload: Path, live: Path) -> None:
+    """The backup API copies the upload's header, and with it WAL mode: a WAL-mode
+    upload would switch a rollback-journal database to WAL behind the
+    application's back. Mark the (spooled, private) upload as rollback-journal
+    when the live database is; the reverse needs nothing, since SQLite keeps a
+    WAL destination in WAL mode itself."""
+    with open(live, "rb") as f:
+        live_wal = f.read(20)[18:19] == bytes([_WAL_VERSION])
+    if live_wal:
+        return
+    with open(upload, "r+b") as f:
+        f.seek(18)
+        if f.read(2) == bytes([_WAL_VERSION, _WAL_VERSION]):
+            f.seek(18)
+            f.write(b"\x01\x01")
 
 
 def _check_page_alignment(head: bytes, size: int) -> None:
