@@ -130,15 +130,20 @@ class LyingServicer(pb_grpc.BackupServiceServicer):
         self.manifest = pb.BackupManifest()
         self.data = b""
         self.hold: threading.Event | None = None
+        self.fail_after_data = False
+        self.calls = 0
 
     def Backup(
         self, request: pb.BackupRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.BackupResponse]:
+        self.calls += 1
         yield pb.BackupResponse(manifest=self.manifest)
         for i in range(0, len(self.data), 64 * 1024):
             yield pb.BackupResponse(chunk=self.data[i : i + 64 * 1024])
             if self.hold is not None:
                 self.hold.wait(30)
+        if self.fail_after_data:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the server went away")
         yield pb.BackupResponse(
             trailer=pb.Digest(size_bytes=len(self.data), sha256=hashlib.sha256(self.data).digest())
         )
@@ -275,3 +280,19 @@ def test_stale_partials_of_a_killed_client_are_removed(
         done = run_cli("backup", "-o", str(out), env=env)
     assert done.returncode == 0, done.stderr
     assert not stale.exists() and busy.exists() and foreign.exists()
+
+
+def test_a_stream_is_never_sent_twice(
+    liar: tuple[LyingServicer, dict[str, str]], tmp_path: Path
+) -> None:
+    servicer, env = liar
+    servicer.fail_after_data = True
+    done = subprocess.run(
+        [SAFEHOLD, "backup", "-o", "-"], env=env, capture_output=True, timeout=60, check=False
+    )
+    assert done.returncode == 1 and b"went away" in done.stderr, done.stderr
+    assert done.stdout == servicer.data and servicer.calls == 1
+    # A file, which nobody has seen yet, is retried and still never half-saved.
+    out = tmp_path / "out"
+    assert run_cli("backup", "-o", f"{out}/", env=env).returncode == 1
+    assert servicer.calls > 2 and backups_in(out) == []

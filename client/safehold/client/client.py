@@ -241,7 +241,12 @@ class Client:
                 dest, manifest.suggested_file_name, file_suffix(manifest.dump_format)
             ) as sink:
                 checked = _FormatCheck(sink, manifest.dump_format)
-                size, digest = self._receive_backup(responses, checked, on_progress)
+                try:
+                    size, digest = self._receive_backup(responses, checked, on_progress)
+                except ConnectionFailed as err:
+                    # A stream cannot take back what it was given: never send it twice.
+                    err.retryable = err.retryable and not (dest.streams and checked.passed_on)
+                    raise
                 checked.finish()
                 result = BackupResult(
                     path=dest.path,
@@ -464,6 +469,11 @@ class _FormatCheck:
         self._head += chunk
         if len(self._head) >= SNIFF_BYTES:
             self.finish()
+
+    @property
+    def passed_on(self) -> bool:
+        """Whether any byte has reached the sink."""
+        return self._head is None
 
     def finish(self) -> None:
         """Check what has been held back (all of a short backup) and pass it on."""

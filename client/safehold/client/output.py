@@ -53,6 +53,11 @@ class Destination:
     path: Path
     force: bool = False
 
+    @property
+    def streams(self) -> bool:
+        """Bytes go out as they arrive and cannot be taken back."""
+        return self.kind is Kind.STREAM
+
 
 def plan(spec: str | os.PathLike[str], *, force: bool = False) -> Destination:
     """Decide what `-o spec` means, and refuse before anything is downloaded
