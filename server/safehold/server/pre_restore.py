@@ -22,9 +22,11 @@ DEFAULT_KEEP = 3
 PREFIX = "pre-restore-"
 _STAMP = "%Y%m%dT%H%M%S.%fZ"
 _OWN_NAME = re.compile(r"pre-restore-(\d{8}T\d{6}\.\d{6}Z)(?:-(\d{1,6}))?(\.[A-Za-z0-9]+)")
-# atomic_path's temp names: `.<final name>.partial-<random>`; also those of the
-# single-file versions (`.pre-restore.sqlite.partial-…`).
-_OWN_PARTIAL = re.compile(r"\.pre-restore(-[0-9T.Z-]+)?\.[A-Za-z0-9]+\.partial-[A-Za-z0-9_]+")
+# atomic_path's temp names: `.<final name>.partial-<random>`, with SQLite's
+# `-journal` beside it; also those of the single-file versions (`.pre-restore.sqlite.partial-…`).
+_OWN_PARTIAL = re.compile(
+    r"\.pre-restore(-[0-9T.Z-]+)?\.[A-Za-z0-9]+\.partial-[A-Za-z0-9_]+(-journal)?"
+)
 
 
 @dataclass(frozen=True)
