@@ -58,27 +58,27 @@ class UnnamedFile:
     """A new file (0600) in a directory that gets a name only through link().
 
     Linux O_TMPFILE, named with linkat(/proc/self/fd/N): until then no name
-    exists, and a writer killed (even by SIGKILL) leaves nothing. Where the
-    filesystem cannot, the file is `.<hint>.safehold-partial-<random>`, locked
-    (flock) while its writer lives, and remove_stale_partials() deletes it on a
-    later run. Use it as a context manager; it always cleans up on exit.
+    exists, and a writer killed (even by SIGKILL) leaves nothing. new_file()
+    falls back to PartialFile where the filesystem cannot. Use it as a context
+    manager; leaving it takes away everything that link() did not name.
     """
 
     def __init__(self, directory: Path, hint: str) -> None:
         self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        self._partial: str | None = None
         try:
-            fd = os.open(".", os.O_TMPFILE | os.O_WRONLY, 0o600, dir_fd=self._dir_fd)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-                os.close(self._dir_fd)
-                raise
-            self._partial = f".{hint}{PARTIAL_MARK}{secrets.token_hex(6)}"
-            fd = os.open(
-                self._partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=self._dir_fd
-            )
-        fcntl.flock(fd, fcntl.LOCK_EX)
+            fd = self._create(hint)
+        except OSError:
+            os.close(self._dir_fd)
+            raise
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a PartialFile's name is in use while locked
         self.file = os.fdopen(fd, "wb")
+
+    def _create(self, hint: str) -> int:
+        return os.open(".", os.O_TMPFILE | os.O_WRONLY, 0o600, dir_fd=self._dir_fd)
+
+    def _source(self) -> tuple[str, int | None]:
+        """What link() hard-links from: path and the directory it is relative to."""
+        return f"/proc/self/fd/{self.file.fileno()}", None
 
     def __enter__(self) -> UnnamedFile:
         return self
@@ -90,9 +90,6 @@ class UnnamedFile:
         tb: TracebackType | None,
     ) -> None:
         self.file.close()
-        if self._partial:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._partial, dir_fd=self._dir_fd)
         os.close(self._dir_fd)
 
     def link(self, name: str, *, replace: bool = False) -> bool:
@@ -100,10 +97,7 @@ class UnnamedFile:
         existing name is never touched and the answer is False."""
         self.file.flush()
         os.fsync(self.file.fileno())
-        if self._partial:
-            source, source_dir = self._partial, self._dir_fd
-        else:
-            source, source_dir = f"/proc/self/fd/{self.file.fileno()}", None
+        source, source_dir = self._source()
         target = f".{name}{PARTIAL_MARK}{secrets.token_hex(6)}" if replace else name
         try:
             os.link(source, target, src_dir_fd=source_dir, dst_dir_fd=self._dir_fd)
@@ -119,8 +113,42 @@ class UnnamedFile:
         os.unlink(name, dir_fd=self._dir_fd)
 
 
+class PartialFile(UnnamedFile):
+    """UnnamedFile for filesystems without O_TMPFILE: the file is named
+    `.<hint>.safehold-partial-<random>` and locked (flock) while its writer
+    lives; a killed writer's file is deleted by remove_stale_partials() later."""
+
+    def _create(self, hint: str) -> int:
+        self._partial = f".{hint}{PARTIAL_MARK}{secrets.token_hex(6)}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        return os.open(self._partial, flags, 0o600, dir_fd=self._dir_fd)
+
+    def _source(self) -> tuple[str, int | None]:
+        return self._partial, self._dir_fd
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._partial, dir_fd=self._dir_fd)
+        super().__exit__(exc_type, exc, tb)
+
+
+def new_file(directory: Path, hint: str) -> UnnamedFile:
+    """An UnnamedFile in directory, or a PartialFile where O_TMPFILE is not supported."""
+    try:
+        return UnnamedFile(directory, hint)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+        return PartialFile(directory, hint)
+
+
 def remove_stale_partials(directory: Path) -> list[Path]:
-    """Delete UnnamedFile's partial files in directory whose writer has died;
+    """Delete PartialFile's files in directory whose writer has died;
     one still being written (its lock held) is left alone."""
     removed = []
     for path in directory.glob(f".*{PARTIAL_MARK}*"):

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from safehold.client.errors import SafeholdError
-from safehold.files import UnnamedFile, remove_stale_partials
+from safehold.files import UnnamedFile, new_file, remove_stale_partials
 
 SIDECAR_SUFFIX = ".manifest.json"
 STDOUT = "-"
@@ -116,7 +116,7 @@ def open_sink(dest: Destination, suggested_name: str, suffix: str) -> Iterator[S
     directory = dest.path if dest.kind is Kind.DIRECTORY else dest.path.parent
     remove_stale_partials(directory)
     name = safe_name(suggested_name, suffix) if dest.kind is Kind.DIRECTORY else dest.path.name
-    with UnnamedFile(directory, name) as file:
+    with new_file(directory, name) as file:
         if dest.kind is Kind.DIRECTORY:
             yield _FreeNameSink(file, directory, name, suffix)
         else:
@@ -198,6 +198,6 @@ class _FreeNameSink:
 
 def _link_sidecar(path: Path, content: bytes, *, replace: bool) -> bool:
     sidecar = sidecar_of(path)
-    with UnnamedFile(sidecar.parent, sidecar.name) as file:
+    with new_file(sidecar.parent, sidecar.name) as file:
         file.file.write(content)
         return file.link(sidecar.name, replace=replace)
