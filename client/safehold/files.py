@@ -90,7 +90,11 @@ class UnnamedFile:
         tb: TracebackType | None,
     ) -> None:
         self.file.close()
+        self._remove_own_name()
         os.close(self._dir_fd)
+
+    def _remove_own_name(self) -> None:
+        """An O_TMPFILE file has no name of its own: closing it was enough."""
 
     def link(self, name: str, *, replace: bool = False) -> bool:
         """Sync the file and give it `name` in the directory. Without replace an
@@ -126,15 +130,9 @@ class PartialFile(UnnamedFile):
     def _source(self) -> tuple[str, int | None]:
         return self._partial, self._dir_fd
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def _remove_own_name(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._partial, dir_fd=self._dir_fd)
-        super().__exit__(exc_type, exc, tb)
 
 
 def new_file(directory: Path, hint: str) -> UnnamedFile:
