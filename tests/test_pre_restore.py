@@ -4,10 +4,12 @@ earlier one, and "I restored the wrong file" can always be undone."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import sqlite3
 import stat
+import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -192,3 +194,21 @@ def config_arguments() -> list[str]:
     parser = argparse.ArgumentParser()
     config.add_arguments(parser)
     return [a.dest for a in parser._actions if a.dest != "help"]
+
+
+def test_an_undeletable_old_file_does_not_fail_the_prune(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("making a file undeletable (chattr +i) needs root (CI runs as root)")
+    history = PreRestoreHistory(tmp_path, ".sqlite", keep=1)
+    old = history.new_path()
+    old.write_bytes(b"old")
+    new = history.new_path()
+    new.write_bytes(b"new")
+    subprocess.run(["chattr", "+i", str(old)], check=True)
+    try:
+        assert history.prune() == []
+    finally:
+        subprocess.run(["chattr", "-i", str(old)], check=True)
+    assert old.exists() and "cannot remove old pre-restore backup" in caplog.text

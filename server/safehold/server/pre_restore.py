@@ -88,11 +88,17 @@ class PreRestoreHistory:
         return files[-1] if files else None
 
     def prune(self) -> list[Path]:
-        """Delete all but the newest `keep` files; call only after a restore succeeded."""
-        removed = self.files()[: -self.keep]
-        for path in removed:
-            path.unlink(missing_ok=True)
+        """Delete all but the newest `keep` files; call only after a restore succeeded.
+        A file that cannot be deleted is logged, never a reason to fail that restore."""
+        removed = []
+        for path in self.files()[: -self.keep]:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("cannot remove old pre-restore backup %s: %s", path, exc.strerror)
+                continue
             log.info("removed old pre-restore backup %s (keeping the newest %d)", path, self.keep)
+            removed.append(path)
         return removed
 
     def remove_partials(self) -> list[Path]:
