@@ -83,12 +83,14 @@ def test_named_file_is_replaced_only_with_force(
     assert sidecar["engine_version"] == sqlite3.sqlite_version and sidecar["safehold_version"]
 
 
-def test_stdout_streams_into_a_pipe(sqlite_server: Server, sqlite_db: Path, tmp_path: Path) -> None:
-    # The command README.md shows.
+@pytest.mark.parametrize("output", ["-", "/dev/stdout"])  # "-": the command README.md shows
+def test_stdout_streams_into_a_pipe(
+    output: str, sqlite_server: Server, sqlite_db: Path, tmp_path: Path
+) -> None:
     work = tmp_path / "work"
     work.mkdir()
     done = subprocess.run(
-        ["bash", "-o", "pipefail", "-c", "safehold backup -o - | gzip > app.sqlite.gz"],
+        ["bash", "-o", "pipefail", "-c", f"safehold backup -o {output} | gzip > app.sqlite.gz"],
         cwd=work,
         env={
             **sqlite_server.client_env(),
@@ -100,7 +102,7 @@ def test_stdout_streams_into_a_pipe(sqlite_server: Server, sqlite_db: Path, tmp_
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert "saved to -" in done.stderr and done.stdout == ""
+    assert f"saved to {output}" in done.stderr and done.stdout == ""
     subprocess.run(["gunzip", "app.sqlite.gz"], cwd=work, check=True)
     assert sqlite_content(work / "app.sqlite") == sqlite_content(sqlite_db)
 
