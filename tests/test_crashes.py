@@ -82,7 +82,7 @@ def restart(server: Server, tmp_path: Path, url: str, *args: str) -> Server:
     assert server.stop() == -signal.SIGKILL  # also checks its log for the password
     again = start_server(tmp_path, url, PASSWORD, *args)
     assert spool_leftovers(again) == []
-    assert list(again.data_dir.glob(".pre-restore*.partial-*")) == []
+    assert list(again.data_dir.glob("pre-restore/.pre-restore*.partial-*")) == []
     return again
 
 
@@ -107,8 +107,7 @@ def test_sqlite_killed_in_each_phase(phase: str, tmp_path: Path) -> None:
     again = restart(server, tmp_path, url)
     try:
         assert sqlite_content(db) in (old, new)
-        pre = again.data_dir / "pre-restore.sqlite"
-        if pre.exists():
+        for pre in (again.data_dir / "pre-restore").glob("pre-restore-*.sqlite"):
             assert sqlite_content(pre) == old
         if phase == "RECEIVING":
             assert "removed a leftover" in again.log()
@@ -164,8 +163,7 @@ def test_postgres_killed_in_each_phase(
                 )
             )
         assert pg_state(big_pg_db) in (old, new)
-        pre = again.data_dir / "pre-restore.dump"
-        if pre.exists():
+        for pre in (again.data_dir / "pre-restore").glob("pre-restore-*.dump"):
             listing = subprocess.run(
                 ["pg_restore", "--list", str(pre)], capture_output=True, check=False
             )

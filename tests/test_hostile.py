@@ -137,7 +137,7 @@ def soak(
             source, expected = (a, expected_a) if cycle % 2 == 0 else (b, expected_b)
             client.restore(source.path)
             assert read() == expected
-            again = client.backup(tmp_path / f"cycle-{cycle % 2}")
+            again = client.backup(tmp_path / f"cycle-{cycle % 2}", force=True)
             assert again.size_bytes > 0
             if cycle in (4, cycles - 1):
                 time.sleep(0.3)

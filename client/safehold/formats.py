@@ -65,6 +65,16 @@ def engine_of(fmt: pb.DumpFormat.ValueType) -> pb.Engine.ValueType:
     return pb.ENGINE_UNSPECIFIED
 
 
+def file_suffix(fmt: pb.DumpFormat.ValueType) -> str:
+    """The file name suffix a backup of this format is saved with."""
+    return {
+        pb.DUMP_FORMAT_SQLITE_FILE: ".sqlite",
+        pb.DUMP_FORMAT_PG_CUSTOM: ".dump",
+        pb.DUMP_FORMAT_PG_TAR: ".tar",
+        pb.DUMP_FORMAT_PG_PLAIN: ".sql",
+    }.get(fmt, ".backup")
+
+
 def engine_label(engine: pb.Engine.ValueType) -> str:
     """A short human name for an engine, for messages."""
     return {pb.ENGINE_POSTGRESQL: "PostgreSQL", pb.ENGINE_SQLITE: "SQLite"}.get(engine, "unknown")

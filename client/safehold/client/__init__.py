@@ -22,6 +22,7 @@ from safehold.client.errors import (
     SafeholdError,
     VersionMismatch,
 )
+from safehold.client.output import OutputRefused
 
 __all__ = [
     "AuthenticationFailed",
@@ -35,6 +36,7 @@ __all__ = [
     "IntegrityError",
     "InvalidBackup",
     "LimitExceeded",
+    "OutputRefused",
     "Progress",
     "RestoreFailed",
     "RestoreResult",

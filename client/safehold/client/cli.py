@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from safehold.client import output
 from safehold.client.client import DEFAULT_TARGET, Client, TlsOptions, open_channel
 from safehold.client.errors import SafeholdError
 from safehold.client.progress import TerminalProgress
@@ -52,14 +53,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _backup(client: Client, args: argparse.Namespace) -> int:
     progress = _progress_display()
+    destination = output.plan(args.output, force=args.force)
     result = client.backup(
-        args.output, compression_level=args.compression_level, on_progress=progress
+        destination, compression_level=args.compression_level, on_progress=progress
     )
     if progress:
         progress.finish()
+    # A backup streamed to stdout must not get this line mixed into it.
     print(
         f"backup of {result.database_name} ({result.engine} {result.engine_version}) "
-        f"saved to {result.path}: {result.size_bytes} bytes, sha256 {result.sha256}"
+        f"saved to {result.path}: {result.size_bytes} bytes, sha256 {result.sha256}",
+        file=sys.stderr if destination.kind is output.Kind.STREAM else sys.stdout,
     )
     return 0
 
@@ -106,6 +110,8 @@ def _info(client: Client, args: argparse.Namespace) -> int:
     print(f"upload limit:  {limit}")
     for warning in info.warnings:
         print(f"warning:       {warning}")
+    print(f"pre-restore:   {info.pre_restore_directory}")
+    print(f"newest:        {info.newest_pre_restore_backup or 'none yet'}")
     return 0
 
 
@@ -212,10 +218,13 @@ def _parser() -> argparse.ArgumentParser:
     backup.add_argument(
         "-o",
         "--output",
-        type=Path,
-        default=Path("."),
-        help="file or directory to write, default: the server's suggested "
-        "name in the current directory",
+        default=".",
+        help="a directory (ends in / or exists; created when missing) to save the server's "
+        "suggested name in, never replacing a file; a file name; or - for stdout. "
+        "Default: the current directory",
+    )
+    backup.add_argument(
+        "--force", action="store_true", help="replace the file -o names if it exists"
     )
     backup.add_argument(
         "--compression-level",

@@ -4,8 +4,9 @@
         client.backup("app.dump")
         client.restore("app.dump")
 
-Backups stream straight to a temp file that is renamed only once the
-trailer's size and SHA-256 match; restores stream from disk. Nothing is held
+Backups stream straight to an unnamed file that gets its name only once the
+trailer's size and SHA-256 match and its first bytes are the format the
+manifest promised (output.py decides where); restores stream from disk. Nothing is held
 whole in memory. Connecting, and calls that have not moved a byte yet, are
 retried; anything else is not, since a half-sent restore must not be re-sent
 silently.
@@ -13,6 +14,7 @@ silently.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, TypeVar
+from typing import TypeVar
 
 import grpc
 import tenacity
@@ -36,9 +38,9 @@ from safehold.client.errors import (
     SafeholdError,
     from_rpc_error,
 )
+from safehold.client.output import Destination, Sink, open_sink, plan
 from safehold.contract import PASSWORD_METADATA_KEY, SERVICE_NAME, DatabaseState
-from safehold.files import atomic_path
-from safehold.formats import engine_label, engine_of, sniff_file
+from safehold.formats import SNIFF_BYTES, engine_label, engine_of, file_suffix, sniff, sniff_file
 from safehold.v1 import backup_service_pb2 as pb
 from safehold.v1 import backup_service_pb2_grpc as pb_grpc
 
@@ -78,6 +80,8 @@ class ServerInfo:
     max_upload_bytes: int
     warnings: list[str]
     """What the operator should fix on the server side (e.g. a superuser role)."""
+    pre_restore_directory: str = ""
+    newest_pre_restore_backup: str = ""
 
 
 @dataclass(frozen=True)
@@ -164,20 +168,25 @@ class Client:
                 tool_versions=dict(reply.tool_versions),
                 max_upload_bytes=reply.max_upload_bytes,
                 warnings=list(reply.warnings),
+                pre_restore_directory=reply.pre_restore_directory,
+                newest_pre_restore_backup=reply.newest_pre_restore_backup,
             )
 
         return self._retrying(call)
 
     def backup(
         self,
-        dest: str | os.PathLike[str],
+        dest: str | os.PathLike[str] | Destination,
         *,
+        force: bool = False,
         compression_level: int | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> BackupResult:
-        """Save a complete backup to dest (a file, or a directory to put the
-        server's suggested name in). dest appears only once verified."""
-        dest = Path(dest)
+        """Save a complete backup to dest: a file (replaced only with force), a
+        directory to put the server's suggested name in (never replacing a file),
+        or `-` for stdout; see output.plan(). The file appears only once verified."""
+        if not isinstance(dest, Destination):
+            dest = plan(dest, force=force)
         request = pb.BackupRequest(compression_level=compression_level)
         return self._retrying(lambda: self._backup_once(dest, request, on_progress))
 
@@ -220,7 +229,7 @@ class Client:
         return self._retrying(lambda: self._restore_once(src, header, on_progress, on_notice))
 
     def _backup_once(
-        self, dest: Path, request: pb.BackupRequest, on_progress: ProgressCallback | None
+        self, dest: Destination, request: pb.BackupRequest, on_progress: ProgressCallback | None
     ) -> BackupResult:
         self._wait_until_connected()
         call = self._stub.Backup(request, metadata=self._metadata)
@@ -230,28 +239,36 @@ class Client:
             if first is None or first.WhichOneof("frame") != "manifest":
                 raise IncompleteBackup("the server's backup stream did not start with a manifest")
             manifest = first.manifest
-            if dest.is_dir():
-                dest = dest / _safe_name(manifest.suggested_file_name)
-            with atomic_path(dest) as tmp, open(tmp, "wb") as out:
-                size, digest = self._receive_backup(responses, out, on_progress)
-            result = BackupResult(
-                path=dest,
-                size_bytes=size,
-                sha256=digest,
-                engine=engine_label(manifest.engine),
-                engine_version=manifest.engine_version,
-                database_name=manifest.database_name,
-                created_at=manifest.created_at.ToDatetime(),
-            )
-            _write_sidecar(result, manifest)
-            return result
+            _check_manifest(manifest)
+            with open_sink(
+                dest, manifest.suggested_file_name, file_suffix(manifest.dump_format)
+            ) as sink:
+                checked = _FormatCheck(sink, manifest.dump_format)
+                try:
+                    size, digest = self._receive_backup(responses, checked, on_progress)
+                except ConnectionFailed as err:
+                    # A stream cannot take back what it was given: never send it twice.
+                    err.retryable = err.retryable and not (dest.streams and checked.passed_on)
+                    raise
+                checked.finish()
+                result = BackupResult(
+                    path=dest.path,
+                    size_bytes=size,
+                    sha256=digest,
+                    engine=engine_label(manifest.engine),
+                    engine_version=manifest.engine_version,
+                    database_name=manifest.database_name,
+                    created_at=manifest.created_at.ToDatetime(),
+                )
+                path = sink.commit(_sidecar(result, manifest))
+            return dataclasses.replace(result, path=path)
         finally:
             call.cancel()  # type: ignore[no-untyped-call]
 
     def _receive_backup(
         self,
         responses: Iterator[pb.BackupResponse],
-        out: BinaryIO,
+        out: _FormatCheck,
         on_progress: ProgressCallback | None,
     ) -> tuple[int, str]:
         """Write chunks to out until the trailer; raise unless it matches."""
@@ -427,29 +444,76 @@ def open_channel(target: str, tls: TlsOptions | None) -> grpc.Channel:
     return grpc.secure_channel(target, credentials, options=options)
 
 
-def _safe_name(suggested: str) -> str:
-    """The server's suggested file name, never a path out of the directory."""
-    name = Path(suggested).name
-    return name if name and not name.startswith(".") else "safehold-backup"
-
-
-def _write_sidecar(result: BackupResult, manifest: pb.BackupManifest) -> None:
-    """A small JSON beside the backup, so a file found later says what it is."""
-    sidecar = result.path.with_name(result.path.name + ".manifest.json")
-    with atomic_path(sidecar) as tmp:
-        tmp.write_text(
-            json.dumps(
-                {
-                    "engine": result.engine,
-                    "engine_version": result.engine_version,
-                    "dump_format": pb.DumpFormat.Name(manifest.dump_format),
-                    "database_name": result.database_name,
-                    "created_at": result.created_at.isoformat() + "Z",
-                    "safehold_version": manifest.safehold_version,
-                    "size_bytes": result.size_bytes,
-                    "sha256": result.sha256,
-                },
-                indent=2,
-            )
-            + "\n"
+def _check_manifest(manifest: pb.BackupManifest) -> None:
+    """Refuse, before a byte is saved, a manifest that does not say what it sends."""
+    engine = engine_of(manifest.dump_format)
+    if engine == pb.ENGINE_UNSPECIFIED or engine != manifest.engine:
+        raise InvalidBackup(
+            f"the server's manifest announces a {engine_label(manifest.engine)} backup in "
+            f"format {_format_name(manifest.dump_format)}, which is no backup it can send; "
+            "nothing was saved",
+            reason="NOT_A_BACKUP",
         )
+
+
+class _FormatCheck:
+    """Holds back the first bytes of a backup until they show the format the
+    manifest promised, so that not even a stream gets a byte of anything else."""
+
+    def __init__(self, sink: Sink, expected: pb.DumpFormat.ValueType) -> None:
+        self._sink = sink
+        self._expected = expected
+        self._head: bytearray | None = bytearray()
+
+    def write(self, chunk: bytes) -> None:
+        if self._head is None:
+            self._sink.write(chunk)
+            return
+        self._head += chunk
+        if len(self._head) >= SNIFF_BYTES:
+            self.finish()
+
+    @property
+    def passed_on(self) -> bool:
+        """Whether any byte has reached the sink."""
+        return self._head is None
+
+    def finish(self) -> None:
+        """Check what has been held back (all of a short backup) and pass it on."""
+        if self._head is None:
+            return
+        found = sniff(bytes(self._head[:SNIFF_BYTES]))
+        if found != self._expected:
+            raise InvalidBackup(
+                f"the server announced a {_format_name(self._expected)} backup but sent "
+                f"{_format_name(found)}; nothing was saved",
+                reason="NOT_A_BACKUP",
+            )
+        head, self._head = bytes(self._head), None
+        self._sink.write(head)
+
+
+def _format_name(fmt: pb.DumpFormat.ValueType) -> str:
+    if fmt == pb.DUMP_FORMAT_UNSPECIFIED:
+        return "no known format"
+    return pb.DumpFormat.Name(fmt).removeprefix("DUMP_FORMAT_")
+
+
+def _sidecar(result: BackupResult, manifest: pb.BackupManifest) -> bytes:
+    """A small JSON beside the backup, so a file found later says what it is."""
+    return (
+        json.dumps(
+            {
+                "engine": result.engine,
+                "engine_version": result.engine_version,
+                "dump_format": pb.DumpFormat.Name(manifest.dump_format),
+                "database_name": result.database_name,
+                "created_at": result.created_at.isoformat() + "Z",
+                "safehold_version": manifest.safehold_version,
+                "size_bytes": result.size_bytes,
+                "sha256": result.sha256,
+            },
+            indent=2,
+        )
+        + "\n"
+    ).encode()

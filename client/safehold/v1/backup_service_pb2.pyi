@@ -527,6 +527,8 @@ class GetServerInfoResponse(_message.Message):
     SAFEHOLD_VERSION_FIELD_NUMBER: _builtins.int
     TOOL_VERSIONS_FIELD_NUMBER: _builtins.int
     MAX_UPLOAD_BYTES_FIELD_NUMBER: _builtins.int
+    PRE_RESTORE_DIRECTORY_FIELD_NUMBER: _builtins.int
+    NEWEST_PRE_RESTORE_BACKUP_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
     engine: Global___Engine.ValueType
     """Engine of the database."""
@@ -540,6 +542,10 @@ class GetServerInfoResponse(_message.Message):
     """Version of the safehold server."""
     max_upload_bytes: _builtins.int
     """Largest upload the server accepts; 0 means no limit."""
+    pre_restore_directory: _builtins.str
+    """Directory of the pre-restore backups, one file per restore, newest kept."""
+    newest_pre_restore_backup: _builtins.str
+    """Path of the most recent pre-restore backup; empty before the first restore."""
     @_builtins.property
     def tool_versions(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Versions of the tools the server runs, e.g. pg_dump and pg_restore."""
@@ -560,11 +566,13 @@ class GetServerInfoResponse(_message.Message):
         safehold_version: _builtins.str = ...,
         tool_versions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         max_upload_bytes: _builtins.int = ...,
+        pre_restore_directory: _builtins.str = ...,
+        newest_pre_restore_backup: _builtins.str = ...,
         warnings: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["database_name", b"database_name", "database_size_bytes", b"database_size_bytes", "engine", b"engine", "engine_version", b"engine_version", "max_upload_bytes", b"max_upload_bytes", "safehold_version", b"safehold_version", "tool_versions", b"tool_versions", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database_name", b"database_name", "database_size_bytes", b"database_size_bytes", "engine", b"engine", "engine_version", b"engine_version", "max_upload_bytes", b"max_upload_bytes", "newest_pre_restore_backup", b"newest_pre_restore_backup", "pre_restore_directory", b"pre_restore_directory", "safehold_version", b"safehold_version", "tool_versions", b"tool_versions", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -21,7 +21,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from safehold.contract import SERVICE_NAME
-from safehold.files import remove_partials
 from safehold.server import config as config_module
 from safehold.server import logs
 from safehold.server.auth import PasswordInterceptor
@@ -60,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         logs.configure(json_lines=config.log_json)
         _prepare(config)
         server, servicer, health_servicer, port = build(config)
-        for path in remove_partials(servicer.pre_restore_path):
+        for path in servicer.pre_restore.remove_partials():
             log.info("removed a partial pre-restore backup from an earlier run: %s", path)
     except (config_module.ConfigError, OSError) as exc:
         log.error("cannot start: %s", exc)

@@ -65,6 +65,7 @@ class Config:
     data_dir: Path
     spool_dir: Path
     pre_restore_path: Path | None
+    keep_pre_restore: int
     max_upload_bytes: int
     tls: TlsConfig | None
     lock_timeout_seconds: float
@@ -112,7 +113,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pre-restore-path",
         type=Path,
-        help="where the backup taken before each restore goes " + env % "SAFEHOLD_PRE_RESTORE_PATH",
+        help="directory of the backups taken before each restore, default <data dir>/pre-restore "
+        + env % "SAFEHOLD_PRE_RESTORE_PATH",
+    )
+    parser.add_argument(
+        "--keep-pre-restore",
+        type=int,
+        help="how many pre-restore backups to keep, newest first, default 3 "
+        + env % "SAFEHOLD_KEEP_PRE_RESTORE",
     )
     parser.add_argument(
         "--max-upload-bytes",
@@ -190,6 +198,9 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         data_dir=data_dir,
         spool_dir=Path(pick(args.spool_dir, "SPOOL_DIR") or data_dir / "spool"),
         pre_restore_path=Path(pre_restore) if pre_restore else None,
+        keep_pre_restore=_at_least_one(
+            pick(args.keep_pre_restore, "KEEP_PRE_RESTORE") or "3", "keep pre-restore"
+        ),
         max_upload_bytes=_non_negative(
             pick(args.max_upload_bytes, "MAX_UPLOAD_BYTES") or "0", "max upload bytes", int
         ),
@@ -314,4 +325,13 @@ def _non_negative(text: str, what: str, kind: Callable[[str], N]) -> N:
         raise ConfigError(f"{what} must be a number, not {text!r}") from None
     if value < 0:
         raise ConfigError(f"{what} must not be negative")
+    return value
+
+
+def _at_least_one(text: str, what: str) -> int:
+    """A count that must not be zero: keeping no pre-restore backup would leave
+    a restore with nothing to go back to."""
+    value = _non_negative(text, what, int)
+    if value < 1:
+        raise ConfigError(f"{what} must be at least 1")
     return value

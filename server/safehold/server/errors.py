@@ -65,6 +65,8 @@ class SafeholdError(Exception):
                 f"the database state is UNKNOWN; the pre-restore backup is {self.pre_restore_path}"
             ),
         }[self.database]
+        if self.database == DatabaseState.UNCHANGED and self.pre_restore_path:
+            state += f"; its pre-restore backup is {self.pre_restore_path}"
         return f"{self.message} ({state})"
 
 

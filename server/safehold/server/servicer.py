@@ -44,6 +44,7 @@ from safehold.server.errors import (
 from safehold.server.gate import ReadWriteGate
 from safehold.server.logs import request_id
 from safehold.server.metrics import Metrics
+from safehold.server.pre_restore import PreRestoreHistory
 from safehold.server.spool import Spool
 from safehold.server.watchdog import IdleWatchdog
 from safehold.v1 import backup_service_pb2 as pb
@@ -118,6 +119,9 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
         self._backup_slots = threading.BoundedSemaphore(config.max_concurrent_backups)
         self._gate = ReadWriteGate()
         self._stopping = threading.Event()
+        self.pre_restore = PreRestoreHistory.from_setting(
+            config.pre_restore_path, config.data_dir, engine.file_suffix, config.keep_pre_restore
+        )
 
     def begin_shutdown(self) -> None:
         """Refuse new work; running calls finish within the server's grace period."""
@@ -134,6 +138,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
         self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GetServerInfoResponse]:
         info = self._engine.info()
+        newest = self.pre_restore.newest()
         yield pb.GetServerInfoResponse(
             engine=self._engine.kind,
             engine_version=info.version,
@@ -143,6 +148,8 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
             tool_versions=info.tool_versions,
             max_upload_bytes=self._config.max_upload_bytes,
             warnings=info.warnings,
+            pre_restore_directory=str(self.pre_restore.directory),
+            newest_pre_restore_backup=str(newest) if newest else "",
         )
 
     @_serves("backup")
@@ -244,9 +251,9 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
                     yield _notice(notice)
                 log.info("upload verified: %d bytes", spool.size)
 
-                pre_restore = self.pre_restore_path
                 _still_wanted(context)
                 yield _phase(pb.RESTORE_PHASE_PRE_RESTORE_BACKUP, 0)
+                pre_restore = self.pre_restore.new_path()
                 self._engine.snapshot(pre_restore)
                 yield _notice(
                     Notice(
@@ -255,12 +262,18 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
                     )
                 )
 
-                _still_wanted(context)
-                yield _phase(pb.RESTORE_PHASE_RESTORING, 0, spool.size)
                 notices: list[Notice] = []
-                with self._gate.writing(self._config.lock_timeout_seconds):
-                    self._replace(spool.path, options, pre_restore, notices)
+                try:
+                    _still_wanted(context)
+                    yield _phase(pb.RESTORE_PHASE_RESTORING, 0, spool.size)
+                    with self._gate.writing(self._config.lock_timeout_seconds):
+                        self._replace(spool.path, options, pre_restore, notices)
+                except SafeholdError as err:
+                    # Whatever failed after the snapshot, the caller learns where it is.
+                    err.pre_restore_path = err.pre_restore_path or str(pre_restore)
+                    raise
                 replaced = True
+                self.pre_restore.prune()
                 for notice in notices:
                     yield _notice(notice)
                 seconds = time.monotonic() - started
@@ -351,8 +364,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
         pre-restore backup back and say which of the two happened."""
         try:
             self._engine.restore(path, options, notices.append)
-        except SafeholdError as err:
-            err.pre_restore_path = str(pre_restore)
+        except SafeholdError:
             raise
         except Exception as exc:
             log.exception("restore failed part-way; putting the pre-restore backup back")
@@ -372,13 +384,6 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
                 database=DatabaseState.RESTORED_FROM_PRE_RESTORE_BACKUP,
                 pre_restore_path=str(pre_restore),
             ) from None
-
-    @property
-    def pre_restore_path(self) -> Path:
-        """Where the backup taken before each restore goes; one file, replaced each time."""
-        return self._config.pre_restore_path or (
-            self._config.data_dir / f"pre-restore{self._engine.file_suffix}"
-        )
 
 
 def _still_wanted(context: grpc.ServicerContext) -> None:
