@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +15,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from helpers import run_cli, start_server
+from pg import free_port
 
-from safehold.client import Client, ConnectionFailed, TlsOptions
+from safehold.client import AuthenticationFailed, Client, ConnectionFailed, TlsOptions
 
 
 @dataclass
@@ -75,6 +77,7 @@ def pki(tmp_path: Path) -> Pki:
                 serialization.NoEncryption(),
             )
         )
+        key_path.chmod(0o600)  # safehold refuses a key that others can read
         return cert_path, key_path
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -122,6 +125,9 @@ def test_tls_server(pki: Pki, tmp_path: Path, sqlite_db: Path) -> None:
 def test_mutual_tls_requires_a_client_certificate(
     pki: Pki, tmp_path: Path, sqlite_db: Path
 ) -> None:
+    """And the plaintext loopback health port (what the Dockerfile's HEALTHCHECK
+    calls) answers health checks, but no BackupService call."""
+    health_port = free_port()
     server = start_server(
         tmp_path,
         f"sqlite:///{sqlite_db}",
@@ -132,8 +138,17 @@ def test_mutual_tls_requires_a_client_certificate(
         str(pki.server_key),
         "--tls-client-ca",
         str(pki.ca),
+        "--health-listen",
+        f"127.0.0.1:{health_port}",
     )
     try:
+        health = run_cli("health", "--target", f"127.0.0.1:{health_port}", env=os.environ)
+        assert (health.returncode, health.stdout) == (0, f"127.0.0.1:{health_port}: SERVING\n")
+        with (
+            Client(f"127.0.0.1:{health_port}", PASSWORD, attempts=1) as plaintext,
+            pytest.raises(AuthenticationFailed),
+        ):
+            plaintext.server_info()
         with (
             Client(
                 server.target, PASSWORD, tls=TlsOptions(ca=pki.ca), connect_timeout=2, attempts=1
