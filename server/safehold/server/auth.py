@@ -42,7 +42,7 @@ class PasswordInterceptor(Interceptor):
         self._require_tls = require_tls
         self._metrics = metrics
         self._limiter = limiter or GuessLimiter()
-        self._refusals = RefusalLog()
+        self._refusals = RefusalLog("BackupService calls")
 
     def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails

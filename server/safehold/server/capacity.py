@@ -5,25 +5,23 @@ holds one of them. Health checks and reflection need no password, so without
 their own bounds 32 reflection streams opened and never used would take
 every thread and lock out callers who know the password. Here each group of
 methods gets its own number of places; a call beyond its group's places is
-refused at once with RESOURCE_EXHAUSTED and holds nothing. Request streams
-of the unauthenticated services also end when the caller sends nothing for
-the stall timeout.
+refused at once with RESOURCE_EXHAUSTED and holds nothing. Streams of the
+services that need no password (health Watch, reflection) also last at most
+the stall timeout: their clients re-open them, and a stream opened and never
+used gives its place back.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from safehold.server.errors import ResourceBusy
-from safehold.server.watchdog import IdleWatchdog
-
-log = logging.getLogger(__name__)
+from safehold.server.limiter import RefusalLog, address_key
 
 if TYPE_CHECKING:  # grpc-stubs makes these generic; grpc itself does not
     Handler = grpc.RpcMethodHandler[Any, Any]
@@ -42,8 +40,8 @@ class Group:
     name: str
     prefix: str
     places: int
-    idle_ends: bool = False
-    """End request streams that send nothing for the stall timeout."""
+    open_to_all: bool = False
+    """Needs no password: its streams end after the stall timeout."""
 
 
 def groups(backup_service: str) -> tuple[Group, ...]:
@@ -51,9 +49,9 @@ def groups(backup_service: str) -> tuple[Group, ...]:
     the password, so they get most of the places; the open services a few."""
     return (
         Group("BackupService", f"/{backup_service}/", 32),
-        Group("health checks", "/grpc.health.v1.Health/Check", 8),
-        Group("health watches", "/grpc.health.v1.Health/Watch", 4),
-        Group("reflection", "/grpc.reflection.", 4, idle_ends=True),
+        Group("health checks", "/grpc.health.v1.Health/Check", 8, open_to_all=True),
+        Group("health watches", "/grpc.health.v1.Health/Watch", 4, open_to_all=True),
+        Group("reflection", "/grpc.reflection.", 4, open_to_all=True),
     )
 
 
@@ -73,6 +71,7 @@ class CapacityInterceptor(Interceptor):
         self._groups = all_groups
         self._places = {g.name: threading.BoundedSemaphore(g.places) for g in all_groups}
         self._stall_timeout = stall_timeout
+        self._refusals = RefusalLog("calls over their group's places")
 
     def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -83,21 +82,24 @@ class CapacityInterceptor(Interceptor):
         if handler is None or group is None:
             return handler
         places = self._places[group.name]
-        idle = self._stall_timeout if group.idle_ends and handler.request_streaming else 0.0
+        streaming = handler.request_streaming or handler.response_streaming
+        lifetime = self._stall_timeout if group.open_to_all and streaming else 0.0
 
         def placed(behavior: Behavior) -> Behavior:
             def run(request: Any, context: grpc.ServicerContext) -> Any:
                 if not places.acquire(blocking=False):
-                    log.warning("refused %s: all %s places are taken", method, group.name)
+                    self._refusals.refused(address_key(context.peer()), group.name)
                     context.abort_with_status(
                         ResourceBusy(
                             f"all places for {group.name} are taken; retry later"
                         ).to_status()
                     )
-                if not context.add_callback(places.release):
-                    places.release()  # the call already ended
-                if idle > 0:
-                    return _idle_ending(behavior, request, context, idle)
+                _when_done(context, places.release)
+                if lifetime > 0:
+                    timer = threading.Timer(lifetime, context.cancel)
+                    timer.daemon = True
+                    timer.start()
+                    _when_done(context, timer.cancel)
                 return behavior(request, context)
 
             return run
@@ -105,11 +107,10 @@ class CapacityInterceptor(Interceptor):
         return rewrap(handler, placed)
 
 
-def _idle_ending(
-    behavior: Behavior, requests: Iterator[Any], context: grpc.ServicerContext, timeout: float
-) -> Iterator[Any]:
-    with IdleWatchdog(requests, context, timeout) as watched:
-        yield from behavior(watched, context)
+def _when_done(context: grpc.ServicerContext, callback: Callable[[], None]) -> None:
+    """Run callback when the call ends, or now if it already has."""
+    if not context.add_callback(callback):
+        callback()
 
 
 def rewrap(handler: Handler, wrap: Callable[[Behavior], Behavior]) -> Handler:

@@ -52,7 +52,7 @@ class GuessLimiter:
         self.interval = 1.0 / rate
         self.burst = burst
         self._tolerance = self.interval * (burst - 1)
-        self._max_wait = max_wait
+        self.max_wait = max_wait
         self._max_tracked = max_tracked
         self._clock = clock
         self._sleep = sleep
@@ -67,7 +67,7 @@ class GuessLimiter:
             # Every sleeping place is taken: only a call that needs no wait may go.
             return self._reserve(key, max_wait=0.0)[0]
         try:
-            verdict, wait = self._reserve(key, max_wait=self._max_wait)
+            verdict, wait = self._reserve(key, max_wait=self.max_wait)
             if wait > 0:
                 self._sleep(wait)
             return verdict
@@ -119,7 +119,10 @@ class RefusalLog:
     """Logs refusals in summary: the first at once, then at most one line per
     `every` seconds with the counts since, so a flood cannot fill the disk."""
 
-    def __init__(self, every: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, subject: str, every: float = 10.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._subject = subject
         self._every = every
         self._clock = clock
         self._lock = threading.Lock()
@@ -143,4 +146,4 @@ class RefusalLog:
         shown = ", ".join(addresses[:5]) + (
             f" and {len(addresses) - 5} more" if len(addresses) > 5 else ""
         )
-        log.warning("refused BackupService calls: %s (from %s)", counts, shown)
+        log.warning("refused %s: %s (from %s)", self._subject, counts, shown)
