@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+import pytest
 from conftest import PASSWORD, PgDatabase
 from helpers import (
     Server,
@@ -18,7 +19,7 @@ from helpers import (
     start_server,
 )
 
-from safehold.client import Client
+from safehold.client import Busy, Client
 from safehold.v1 import backup_service_pb2 as pb
 from safehold.v1 import backup_service_pb2_grpc as pb_grpc
 
@@ -103,5 +104,39 @@ def test_stalled_postgres_backup_is_ended_and_ddl_and_restore_go_ahead(
                     assert columns == (2,)  # the restore put the table back as saved
             finally:
                 channel.close()
+    finally:
+        server.stop()
+
+
+def test_pg_dump_behind_an_access_exclusive_lock_is_database_busy(
+    tmp_path: Path, pg_db: PgDatabase
+) -> None:
+    """A backup and a restore (its pre-restore backup) each give up after the
+    lock timeout, name the session that holds the lock, and change nothing."""
+    pg_db.execute("CREATE TABLE held (x int); INSERT INTO held VALUES (1), (2)")
+    server = start_server(tmp_path, pg_db.url, PASSWORD, "--lock-timeout", str(LOCK_TIMEOUT))
+    try:
+        with Client(server.target, PASSWORD, attempts=1) as client:
+            saved = client.backup(tmp_path / "saved.dump")
+            pg_db.execute("INSERT INTO held VALUES (3)")
+            with pg_db.connect() as holder:
+                holder.autocommit = False
+                holder.execute("LOCK TABLE held IN ACCESS EXCLUSIVE MODE")
+                pid = holder.info.backend_pid
+                for attempt in (
+                    lambda: client.backup(tmp_path / "blocked.dump"),
+                    lambda: client.restore(saved.path),
+                ):
+                    started = time.monotonic()
+                    with pytest.raises(Busy) as raised:
+                        attempt()
+                    waited = time.monotonic() - started
+                    assert raised.value.reason == "DATABASE_BUSY"
+                    assert f"session {pid} " in raised.value.message
+                    assert LOCK_TIMEOUT <= waited < LOCK_TIMEOUT + 5, waited
+                holder.rollback()
+            assert not (tmp_path / "blocked.dump").exists()
+            with pg_db.connect() as app:
+                assert app.execute("SELECT count(*) FROM held").fetchone() == (3,)
     finally:
         server.stop()
