@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,30 +124,38 @@ def test_tls_server(pki: Pki, tmp_path: Path, sqlite_db: Path) -> None:
         server.stop()
 
 
+def dockerfile_healthcheck(health_target: str) -> list[str]:
+    """The Dockerfile's HEALTHCHECK command, aimed at health_target instead of
+    the image's SAFEHOLD_HEALTH_LISTEN (a fixed port could clash in tests)."""
+    text = (Path(__file__).parent.parent / "Dockerfile").read_text()
+    listen = re.search(r"SAFEHOLD_HEALTH_LISTEN=(\S+)", text)
+    command = re.search(r"HEALTHCHECK .*\\\n\s*CMD (\[.*\])", text)
+    assert listen and command, "the Dockerfile has no health port or HEALTHCHECK"
+    argv: list[str] = json.loads(command.group(1))
+    assert argv[0] == "safehold" and listen.group(1) in argv
+    return [health_target if arg == listen.group(1) else arg for arg in argv[1:]]
+
+
 def test_mutual_tls_requires_a_client_certificate(
     pki: Pki, tmp_path: Path, sqlite_db: Path
 ) -> None:
-    """And the plaintext loopback health port (what the Dockerfile's HEALTHCHECK
-    calls) answers health checks, but no BackupService call."""
-    health_port = free_port()
-    server = start_server(
-        tmp_path,
-        f"sqlite:///{sqlite_db}",
-        PASSWORD,
-        "--tls-cert",
-        str(pki.server_cert),
-        "--tls-key",
-        str(pki.server_key),
-        "--tls-client-ca",
-        str(pki.ca),
-        "--health-listen",
-        f"127.0.0.1:{health_port}",
-    )
+    """Configured as in the container, the Dockerfile's HEALTHCHECK passes over
+    the plaintext loopback health port, which takes no BackupService call."""
+    health_target = f"127.0.0.1:{free_port()}"
+    container_env = {
+        "SAFEHOLD_TLS_CERT": str(pki.server_cert),
+        "SAFEHOLD_TLS_KEY": str(pki.server_key),
+        "SAFEHOLD_TLS_CLIENT_CA": str(pki.ca),
+        "SAFEHOLD_HEALTH_LISTEN": health_target,
+    }
+    server = start_server(tmp_path, f"sqlite:///{sqlite_db}", PASSWORD, env=container_env)
     try:
-        health = run_cli("health", "--target", f"127.0.0.1:{health_port}", env=os.environ)
-        assert (health.returncode, health.stdout) == (0, f"127.0.0.1:{health_port}: SERVING\n")
+        health = run_cli(
+            *dockerfile_healthcheck(health_target), env={**os.environ, **container_env}
+        )
+        assert (health.returncode, health.stdout) == (0, f"{health_target}: SERVING\n")
         with (
-            Client(f"127.0.0.1:{health_port}", PASSWORD, attempts=1) as plaintext,
+            Client(health_target, PASSWORD, attempts=1) as plaintext,
             pytest.raises(AuthenticationFailed),
         ):
             plaintext.server_info()
