@@ -113,15 +113,15 @@ def test_pg_dump_behind_an_access_exclusive_lock_is_database_busy(
 ) -> None:
     """A backup and a restore (its pre-restore backup) each give up after the
     lock timeout, name the session that holds the lock, and change nothing."""
-    pg_db.execute("CREATE TABLE held (x int); INSERT INTO held VALUES (1), (2)")
+    pg_db.execute('CREATE TABLE "held table" (x int); INSERT INTO "held table" VALUES (1), (2)')
     server = start_server(tmp_path, pg_db.url, PASSWORD, "--lock-timeout", str(LOCK_TIMEOUT))
     try:
         with Client(server.target, PASSWORD, attempts=1) as client:
             saved = client.backup(tmp_path / "saved.dump")
-            pg_db.execute("INSERT INTO held VALUES (3)")
+            pg_db.execute('INSERT INTO "held table" VALUES (3)')
             with pg_db.connect() as holder:
                 holder.autocommit = False
-                holder.execute("LOCK TABLE held IN ACCESS EXCLUSIVE MODE")
+                holder.execute('LOCK TABLE "held table" IN ACCESS EXCLUSIVE MODE')
                 pid = holder.info.backend_pid
                 for attempt in (
                     lambda: client.backup(tmp_path / "blocked.dump"),
@@ -132,11 +132,14 @@ def test_pg_dump_behind_an_access_exclusive_lock_is_database_busy(
                         attempt()
                     waited = time.monotonic() - started
                     assert raised.value.reason == "DATABASE_BUSY"
-                    assert f"session {pid} " in raised.value.message
+                    assert (
+                        f'lock on public."held table": held by session {pid} '
+                        in raised.value.message
+                    )
                     assert LOCK_TIMEOUT <= waited < LOCK_TIMEOUT + 5, waited
                 holder.rollback()
             assert not (tmp_path / "blocked.dump").exists()
             with pg_db.connect() as app:
-                assert app.execute("SELECT count(*) FROM held").fetchone() == (3,)
+                assert app.execute('SELECT count(*) FROM "held table"').fetchone() == (3,)
     finally:
         server.stop()

@@ -67,7 +67,7 @@ _TRANSACTION_CONTROL = re.compile(
 )
 _COPY_FROM_STDIN = re.compile(rb"^COPY .* FROM stdin;\s*$")
 _DOLLAR_QUOTE = re.compile(rb"\$(?:[A-Za-z_][A-Za-z_0-9]*)?\$")
-_LOCK_TABLE = re.compile(r"Query was: LOCK TABLE (\S+) IN ")
+_LOCK_TABLE = re.compile(r"Query was: LOCK TABLE (.+) IN ACCESS SHARE MODE")
 _HARMLESS_OUTPUT = ("there is already a transaction in progress",)
 
 # Runs inside the restore's transaction, before the dump: everything the
@@ -267,16 +267,15 @@ class PostgresEngine:
     def _raise_unless_dumped(self, dump: Child) -> None:
         """pg_dump's failure; a lock it could not get is DATABASE_BUSY, naming
         the sessions that hold it when PostgreSQL shows them."""
-        if dump.wait() == 0:
-            return
-        lock = next((m for line in dump.stderr_lines() if (m := _LOCK_TABLE.search(line))), None)
-        if lock is None:
-            _raise_unless_ok(dump, "pg_dump", BackupFailed)
-            return
-        raise DatabaseBusy(
-            f"pg_dump waited {self._lock_timeout:g}s (--lock-timeout) for a lock on "
-            f"{lock.group(1)}: {self._lock_holders(lock.group(1))}; retry when it is released"
-        )
+        failed = dump.wait() != 0
+        lines = dump.stderr_lines() if failed else []
+        lock = next((m for line in lines if (m := _LOCK_TABLE.search(line))), None)
+        if lock is not None:
+            raise DatabaseBusy(
+                f"pg_dump waited {self._lock_timeout:g}s (--lock-timeout) for a lock on "
+                f"{lock.group(1)}: {self._lock_holders(lock.group(1))}; retry when it is released"
+            )
+        _raise_unless_ok(dump, "pg_dump", BackupFailed)
 
     def _lock_holders(self, relation: str) -> str:
         """Who holds ACCESS EXCLUSIVE on relation, asked on a connection of its own."""
