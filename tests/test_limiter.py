@@ -137,6 +137,9 @@ def test_address_keys() -> None:
         "ipv6:[2001:db8:1:2:bbbb::9]:443"
     )
     assert address_key("ipv6:[2001:db8:1:3::1]:443") != address_key("ipv6:[2001:db8:1:2::1]:443")
+    assert address_key("ipv6:[::ffff:192.0.2.7]:443") == "192.0.2.7"
+    assert address_key("ipv6:[::ffff:192.0.2.8]:443") == "192.0.2.8"
+    assert address_key("ipv6:[fe80::1%eth0]:443") == "fe80::/64"
     assert address_key("unix:/run/safehold.sock") == "unix"
 
 

@@ -102,16 +102,19 @@ class GuessLimiter:
 
 def address_key(peer: str) -> str:
     """The limiter's key for a gRPC peer string: the address without its port,
-    an IPv6 address widened to its /64."""
+    an IPv6 address widened to its /64 (an IPv4-mapped one is its IPv4 address)."""
     kind, _, rest = peer.partition(":")
     if kind == "ipv4":
         return rest.rsplit(":", 1)[0]
     if kind == "ipv6":
         host = rest.rsplit(":", 1)[0].strip("[]").split("%")[0]
         try:
-            return str(ipaddress.IPv6Network(f"{host}/64", strict=False))
+            address = ipaddress.IPv6Address(host)
         except ValueError:
             return host
+        if address.ipv4_mapped:  # an IPv4 client of a dual-stack listener
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network(f"{address}/64", strict=False))
     return kind  # unix sockets and the like: one key for all
 
 
