@@ -97,3 +97,11 @@ def test_all_interfaces_without_tls_is_warned_about(tmp_path: Path) -> None:
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(30)
+
+
+def test_plaintext_health_port_off_loopback_is_refused(tmp_path: Path) -> None:
+    line = refused(tmp_path, "--health-listen", "192.0.2.1:50052")
+    assert line.endswith(
+        "cannot start: --health-listen 192.0.2.1:50052 must be a loopback address such as "
+        "127.0.0.1:50052: it is served without TLS"
+    )
