@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import pytest
 
@@ -145,16 +146,31 @@ def test_address_keys() -> None:
 
 def test_refusals_are_logged_in_summary(caplog: pytest.LogCaptureFixture) -> None:
     clock = FakeClock()
-    summary = RefusalLog("BackupService calls", every=10.0, clock=clock)
+    scheduled: list[tuple[float, Callable[[], None]]] = []
+    summary = RefusalLog(
+        "BackupService calls",
+        every=10.0,
+        clock=clock,
+        schedule=lambda delay, action: scheduled.append((delay, action)),
+    )
+    start = clock.now
     with caplog.at_level(logging.WARNING, logger="safehold.server.limiter"):
         for _ in range(1000):
             summary.refused("10.0.0.1", "wrong password")
             clock.now += 0.001
-        clock.now += 10
-        summary.refused("10.0.0.2", "throttled")
-    lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 2
-    assert lines[0] == "refused BackupService calls: 1 wrong password (from 10.0.0.1)"
-    assert lines[1] == (
-        "refused BackupService calls: 1 throttled, 999 wrong password (from 10.0.0.1, 10.0.0.2)"
-    )
+        ((delay, flush),) = scheduled  # one flush for the whole burst, due when its period ends
+        clock.now = start + delay + 0.001
+        flush()
+        clock.now += 1
+        for n in range(8):  # a flood from many addresses that stops
+            summary.refused(f"10.0.1.{n}", "throttled")
+        assert len(scheduled) == 2 and scheduled[1][0] == pytest.approx(9.0)
+        clock.now += scheduled[1][0]
+        scheduled[1][1]()
+        scheduled[1][1]()  # nothing new: no line
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused BackupService calls: 1 wrong password (from 10.0.0.1)",
+        "refused BackupService calls: 999 wrong password (from 10.0.0.1)",
+        "refused BackupService calls: 8 throttled "
+        "(from 10.0.1.0, 10.0.1.1, 10.0.1.2, 10.0.1.3, 10.0.1.4 and 3 more)",
+    ]

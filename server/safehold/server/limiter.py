@@ -120,16 +120,23 @@ def address_key(peer: str) -> str:
 
 class RefusalLog:
     """Logs refusals in summary: the first at once, then at most one line per
-    `every` seconds with the counts since, so a flood cannot fill the disk."""
+    `every` seconds with the counts since, so a flood cannot fill the disk; the
+    counts of a flood that stops are logged when its period ends."""
 
     def __init__(
-        self, subject: str, every: float = 10.0, clock: Callable[[], float] = time.monotonic
+        self,
+        subject: str,
+        every: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        schedule: Callable[[float, Callable[[], None]], None] | None = None,
     ) -> None:
         self._subject = subject
         self._every = every
         self._clock = clock
+        self._schedule = schedule or _later
         self._lock = threading.Lock()
         self._last: float | None = None
+        self._pending = False
         self._counts: dict[str, int] = {}
         self._addresses: set[str] = set()
 
@@ -140,13 +147,32 @@ class RefusalLog:
             self._counts[why] = self._counts.get(why, 0) + 1
             self._addresses.add(key)
             if self._last is not None and now - self._last < self._every:
+                if not self._pending:
+                    self._pending = True
+                    self._schedule(self._every - (now - self._last), self.flush)
                 return
-            counts = ", ".join(f"{n} {reason}" for reason, n in sorted(self._counts.items()))
-            addresses = sorted(self._addresses)
-            self._last = now
-            self._counts.clear()
-            self._addresses.clear()
-        shown = ", ".join(addresses[:5]) + (
-            f" and {len(addresses) - 5} more" if len(addresses) > 5 else ""
-        )
-        log.warning("refused %s: %s (from %s)", self._subject, counts, shown)
+            line = self._take(now)
+        log.warning("%s", line)
+
+    def flush(self) -> None:
+        """Log what was counted since the last line, if anything."""
+        with self._lock:
+            self._pending = False
+            line = self._take(self._clock()) if self._counts else None
+        if line:
+            log.warning("%s", line)
+
+    def _take(self, now: float) -> str:
+        counts = ", ".join(f"{n} {reason}" for reason, n in sorted(self._counts.items()))
+        addresses = sorted(self._addresses)
+        more = f" and {len(addresses) - 5} more" if len(addresses) > 5 else ""
+        self._last = now
+        self._counts.clear()
+        self._addresses.clear()
+        return f"refused {self._subject}: {counts} (from {', '.join(addresses[:5])}{more})"
+
+
+def _later(seconds: float, action: Callable[[], None]) -> None:
+    timer = threading.Timer(seconds, action)
+    timer.daemon = True
+    timer.start()
