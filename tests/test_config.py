@@ -90,3 +90,14 @@ def test_password_file_and_no_password_flag(tmp_path: Path) -> None:
 def test_bad_urls_say_what_to_fix(url: str) -> None:
     with pytest.raises(ConfigError):
         config.parse_database_url(url)
+
+
+def test_stall_timeout_and_its_upload_idle_alias(tmp_path: Path) -> None:
+    env = {"SAFEHOLD_DATA_DIR": str(tmp_path)}
+    assert load([], env).stall_timeout_seconds == 60
+    assert load(["--stall-timeout", "5"], env).stall_timeout_seconds == 5
+    assert load(["--upload-idle-timeout", "7"], env).stall_timeout_seconds == 7
+    assert load([], {**env, "SAFEHOLD_STALL_TIMEOUT": "9"}).stall_timeout_seconds == 9
+    assert load([], {**env, "SAFEHOLD_UPLOAD_IDLE_TIMEOUT": "11"}).stall_timeout_seconds == 11
+    with pytest.raises(ConfigError, match="stall timeout must not be negative"):
+        load(["--stall-timeout", "-1"], env)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +17,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from helpers import run_cli, start_server
+from pg import free_port
 
-from safehold.client import Client, ConnectionFailed, TlsOptions
+from safehold.client import AuthenticationFailed, Client, ConnectionFailed, TlsOptions
 
 
 @dataclass
@@ -75,6 +79,7 @@ def pki(tmp_path: Path) -> Pki:
                 serialization.NoEncryption(),
             )
         )
+        key_path.chmod(0o600)  # safehold refuses a key that others can read
         return cert_path, key_path
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -119,21 +124,41 @@ def test_tls_server(pki: Pki, tmp_path: Path, sqlite_db: Path) -> None:
         server.stop()
 
 
+def dockerfile_healthcheck(health_target: str) -> list[str]:
+    """The Dockerfile's HEALTHCHECK command, aimed at health_target instead of
+    the image's SAFEHOLD_HEALTH_LISTEN (a fixed port could clash in tests)."""
+    text = (Path(__file__).parent.parent / "Dockerfile").read_text()
+    listen = re.search(r"SAFEHOLD_HEALTH_LISTEN=(\S+)", text)
+    command = re.search(r"HEALTHCHECK .*\\\n\s*CMD (\[.*\])", text)
+    assert listen and command, "the Dockerfile has no health port or HEALTHCHECK"
+    argv: list[str] = json.loads(command.group(1))
+    assert argv[0] == "safehold" and listen.group(1) in argv
+    return [health_target if arg == listen.group(1) else arg for arg in argv[1:]]
+
+
 def test_mutual_tls_requires_a_client_certificate(
     pki: Pki, tmp_path: Path, sqlite_db: Path
 ) -> None:
-    server = start_server(
-        tmp_path,
-        f"sqlite:///{sqlite_db}",
-        PASSWORD,
-        "--tls-cert",
-        str(pki.server_cert),
-        "--tls-key",
-        str(pki.server_key),
-        "--tls-client-ca",
-        str(pki.ca),
-    )
+    """Configured as in the container, the Dockerfile's HEALTHCHECK passes over
+    the plaintext loopback health port, which takes no BackupService call."""
+    health_target = f"127.0.0.1:{free_port()}"
+    container_env = {
+        "SAFEHOLD_TLS_CERT": str(pki.server_cert),
+        "SAFEHOLD_TLS_KEY": str(pki.server_key),
+        "SAFEHOLD_TLS_CLIENT_CA": str(pki.ca),
+        "SAFEHOLD_HEALTH_LISTEN": health_target,
+    }
+    server = start_server(tmp_path, f"sqlite:///{sqlite_db}", PASSWORD, env=container_env)
     try:
+        health = run_cli(
+            *dockerfile_healthcheck(health_target), env={**os.environ, **container_env}
+        )
+        assert (health.returncode, health.stdout) == (0, f"{health_target}: SERVING\n")
+        with (
+            Client(health_target, PASSWORD, attempts=1) as plaintext,
+            pytest.raises(AuthenticationFailed),
+        ):
+            plaintext.server_info()
         with (
             Client(
                 server.target, PASSWORD, tls=TlsOptions(ca=pki.ca), connect_timeout=2, attempts=1

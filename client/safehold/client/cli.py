@@ -19,6 +19,7 @@ from safehold.client import output
 from safehold.client.client import DEFAULT_TARGET, Client, TlsOptions, open_channel
 from safehold.client.errors import SafeholdError
 from safehold.client.progress import TerminalProgress
+from safehold.client.terminal import printable, say
 from safehold.contract import DatabaseState
 
 EXIT_FAILED = 1
@@ -41,10 +42,10 @@ def main(argv: list[str] | None = None) -> int:
             verb: Callable[[Client, argparse.Namespace], int] = args.run
             return verb(client, args)
     except SafeholdError as err:
-        print(f"safehold: {args.verb} failed: {_explain(err)}", file=sys.stderr)
+        say(f"safehold: {args.verb} failed: {_explain(err)}", file=sys.stderr)
         return EXIT_FAILED
     except (ValueError, OSError) as err:
-        print(f"safehold: {args.verb} failed: {err}", file=sys.stderr)
+        say(f"safehold: {args.verb} failed: {err}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print(f"safehold: {args.verb} interrupted", file=sys.stderr)
@@ -60,7 +61,7 @@ def _backup(client: Client, args: argparse.Namespace) -> int:
     if progress:
         progress.finish()
     # A backup streamed to stdout must not get this line mixed into it.
-    print(
+    say(
         f"backup of {result.database_name} ({result.engine} {result.engine_version}) "
         f"saved to {result.path}: {result.size_bytes} bytes, sha256 {result.sha256}",
         file=sys.stderr if destination.kind is output.Kind.STREAM else sys.stdout,
@@ -77,7 +78,7 @@ def _restore(client: Client, args: argparse.Namespace) -> int:
     def show_notice(reason: str, message: str) -> None:
         if progress:
             progress.finish()
-        print(f"notice [{reason}]: {message}", file=sys.stderr)
+        say(f"notice [{reason}]: {message}", file=sys.stderr)
 
     result = client.restore(
         args.file,
@@ -88,7 +89,7 @@ def _restore(client: Client, args: argparse.Namespace) -> int:
     )
     if progress:
         progress.finish()
-    print(
+    say(
         f"restored {result.bytes_restored} bytes into the {result.engine} database in "
         f"{result.duration.total_seconds():.1f}s; the previous content is saved at "
         f"{result.pre_restore_backup_path}"
@@ -99,13 +100,13 @@ def _restore(client: Client, args: argparse.Namespace) -> int:
 def _info(client: Client, args: argparse.Namespace) -> int:
     info = client.server_info()
     if args.json:
-        print(json.dumps(asdict(info), indent=2))
+        print(json.dumps(asdict(info), indent=2))  # JSON escapes control characters itself
         return 0
-    print(f"engine:        {info.engine} {info.engine_version}")
-    print(f"database:      {info.database_name} ({info.database_size_bytes} bytes)")
+    say(f"engine:        {info.engine} {info.engine_version}")
+    say(f"database:      {info.database_name} ({info.database_size_bytes} bytes)")
     for tool, tool_version in sorted(info.tool_versions.items()):
-        print(f"{tool + ':':<14} {tool_version}")
-    print(f"safehold:      {info.safehold_version}")
+        say(f"{tool + ':':<14} {tool_version}")
+    say(f"safehold:      {info.safehold_version}")
     limit = str(info.max_upload_bytes) + " bytes" if info.max_upload_bytes else "none"
     print(f"upload limit:  {limit}")
     for warning in info.warnings:
@@ -142,8 +143,10 @@ def _confirm(client: Client, file: Path) -> bool:
         )
     info = client.server_info()
     answer = input(
-        f"Replace the whole {info.engine} database {info.database_name!r} on "
-        f"{client.target} with {file}? [y/N] "
+        printable(
+            f"Replace the whole {info.engine} database {info.database_name!r} on "
+            f"{client.target} with {file}? [y/N] "
+        )
     )
     return answer.strip().lower() in ("y", "yes")
 

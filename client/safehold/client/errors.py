@@ -108,6 +108,8 @@ _BY_REASON: dict[str, type[SafeholdError]] = {
     Reason.DATABASE_UNAVAILABLE: Busy,
     Reason.UPLOAD_TOO_LARGE: LimitExceeded,
     Reason.TOO_MANY_BACKUPS: Busy,
+    Reason.TOO_MANY_ATTEMPTS: AuthenticationFailed,
+    Reason.SERVER_BUSY: Busy,
     Reason.SPOOL_FAILED: LimitExceeded,
     Reason.RESTORE_FAILED: RestoreFailed,
     Reason.ROLLBACK_FAILED: RestoreFailed,

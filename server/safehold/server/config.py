@@ -8,6 +8,7 @@ dir). The password is never a flag: it would show in `ps`.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import secrets
@@ -70,11 +71,13 @@ class Config:
     tls: TlsConfig | None
     lock_timeout_seconds: float
     shutdown_grace_seconds: float
-    upload_idle_timeout_seconds: float
+    stall_timeout_seconds: float
     inspect_timeout_seconds: float
     max_concurrent_backups: int
     log_json: bool
     metrics_listen: str | None
+    reflection: bool = False
+    health_listen: str | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -146,10 +149,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "default 30 " + env % "SAFEHOLD_SHUTDOWN_GRACE",
     )
     parser.add_argument(
+        "--stall-timeout",
         "--upload-idle-timeout",
+        dest="stall_timeout",
         type=float,
-        help="end an upload that sends nothing for this many seconds, default 60; 0 never "
-        + env % "SAFEHOLD_UPLOAD_IDLE_TIMEOUT",
+        help="end a backup whose client receives nothing, or an upload that sends nothing, "
+        "for this many seconds, default 60; 0 never "
+        + env
+        % "SAFEHOLD_STALL_TIMEOUT, or SAFEHOLD_UPLOAD_IDLE_TIMEOUT",
+    )
+    parser.add_argument(
+        "--reflection",
+        action="store_true",
+        default=None,
+        help="serve gRPC server reflection (no password needed), off by default "
+        + env % "SAFEHOLD_REFLECTION",
+    )
+    parser.add_argument(
+        "--health-listen",
+        help="also serve health checks in plaintext on this loopback host:port, for a "
+        "container HEALTHCHECK when TLS is on " + env % "SAFEHOLD_HEALTH_LISTEN",
     )
     parser.add_argument(
         "--inspect-timeout",
@@ -179,17 +198,31 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         return environ.get(f"SAFEHOLD_{name}") or None
 
     data_dir = Path(pick(args.data_dir, "DATA_DIR") or _default_data_dir(environ))
+    if args.database_url and urlsplit(args.database_url).password is not None:
+        raise ConfigError(
+            "--database-url carries a password, which every user sees in `ps`: put the URL "
+            "in SAFEHOLD_DATABASE_URL, or the password in SAFEHOLD_PASSWORD or --password-file"
+        )
     url = pick(args.database_url, "DATABASE_URL") or _gamevault_url(environ)
     target, url_password = (
         parse_database_url(url) if url else (SqliteTarget(data_dir / EMBEDDED_SQLITE_NAME), None)
     )
     password = _password(args, environ, url_password, target, data_dir)
+    _check_metadata_safe(password)
     cert, key = pick(args.tls_cert, "TLS_CERT"), pick(args.tls_key, "TLS_KEY")
     client_ca = pick(args.tls_client_ca, "TLS_CLIENT_CA")
     if bool(cert) != bool(key):
         raise ConfigError("TLS needs both --tls-cert and --tls-key")
     if client_ca and not cert:
         raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+    if key:
+        _check_private(Path(key))
+    health_listen = pick(args.health_listen, "HEALTH_LISTEN")
+    if health_listen and not _loopback(health_listen):
+        raise ConfigError(
+            f"--health-listen {health_listen} must be a loopback address such as "
+            "127.0.0.1:50052: it is served without TLS"
+        )
     pre_restore = pick(args.pre_restore_path, "PRE_RESTORE_PATH")
     return Config(
         target=target,
@@ -221,16 +254,20 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         shutdown_grace_seconds=_non_negative(
             pick(args.shutdown_grace, "SHUTDOWN_GRACE") or "30", "shutdown grace", float
         ),
-        upload_idle_timeout_seconds=_non_negative(
-            pick(args.upload_idle_timeout, "UPLOAD_IDLE_TIMEOUT") or "60",
-            "upload idle timeout",
+        stall_timeout_seconds=_non_negative(
+            pick(args.stall_timeout, "STALL_TIMEOUT")
+            or environ.get("SAFEHOLD_UPLOAD_IDLE_TIMEOUT")
+            or "60",
+            "stall timeout",
             float,
         ),
         inspect_timeout_seconds=_non_negative(
             pick(args.inspect_timeout, "INSPECT_TIMEOUT") or "600", "inspect timeout", float
         ),
-        log_json=(pick(args.log_json, "LOG_JSON") or "").lower() in ("1", "true", "yes"),
+        log_json=_flag(pick(args.log_json, "LOG_JSON")),
         metrics_listen=pick(args.metrics_listen, "METRICS_LISTEN"),
+        reflection=_flag(pick(args.reflection, "REFLECTION")),
+        health_listen=health_listen,
     )
 
 
@@ -287,9 +324,14 @@ def _password(
     file = args.password_file or environ.get("SAFEHOLD_PASSWORD_FILE")
     if file:
         try:
-            return Path(file).read_text(encoding="utf-8").rstrip("\r\n")
+            password = Path(file).read_text(encoding="utf-8").rstrip("\r\n")
         except OSError as exc:
             raise ConfigError(f"cannot read password file {file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"password file {file} is not UTF-8 text") from None
+        if not password:
+            raise ConfigError(f"password file {file} is empty: callers could not authenticate")
+        return password
     for value in (environ.get("SAFEHOLD_PASSWORD"), url_password, environ.get("DB_PASSWORD")):
         if value:
             return value
@@ -310,6 +352,42 @@ def _generated_password(data_dir: Path) -> str:
         f.write(password + "\n")
     log.info("generated a database password for callers; it is in %s", path)
     return password
+
+
+def _check_metadata_safe(password: str) -> None:
+    """gRPC metadata values are printable ASCII: a password with anything else
+    could never be sent by a caller, so every call would be refused."""
+    if not all(" " <= c <= "~" for c in password):
+        raise ConfigError(
+            "the password has characters gRPC metadata cannot carry (only printable ASCII "
+            "can be sent in x-database-password): choose an ASCII password"
+        )
+
+
+def _check_private(key: Path) -> None:
+    """A TLS key that other users can read is no longer the server's secret."""
+    try:
+        mode = key.stat().st_mode
+    except OSError as exc:
+        raise ConfigError(f"cannot read TLS key {key}: {exc.strerror}") from None
+    if mode & 0o004:
+        raise ConfigError(
+            f"TLS key {key} is readable by every user (mode {mode & 0o777:o}): run chmod 600 {key}"
+        )
+
+
+def _loopback(listen: str) -> bool:
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _flag(text: str | None) -> bool:
+    return (text or "").lower() in ("1", "true", "yes")
 
 
 def _default_data_dir(environ: Mapping[str, str]) -> Path:

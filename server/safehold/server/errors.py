@@ -130,6 +130,20 @@ class TooManyBackups(SafeholdError):
     reason = Reason.TOO_MANY_BACKUPS
 
 
+class TooManyAttempts(SafeholdError):
+    """An address over its budget of password checks; its password was not compared."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = Reason.TOO_MANY_ATTEMPTS
+
+
+class ResourceBusy(SafeholdError):
+    """Every place of a kind of call is taken (see capacity.py)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = Reason.SERVER_BUSY
+
+
 class SpoolFailed(SafeholdError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = Reason.SPOOL_FAILED

@@ -49,6 +49,13 @@ class Metrics:
             registry=self.registry,
         )
 
+        self._refused = Counter(
+            "safehold_auth_refusals",
+            "BackupService calls refused before they ran: wrong password or too many attempts",
+            ["reason"],
+            registry=self.registry,
+        )
+
     def started(self, operation: str) -> None:
         self._started.labels(operation).inc()
 
@@ -59,6 +66,9 @@ class Metrics:
 
     def failed(self, operation: str, reason: str) -> None:
         self._failed.labels(operation, reason).inc()
+
+    def refused(self, reason: str) -> None:
+        self._refused.labels(reason).inc()
 
     def serve(self, listen: str) -> int:
         """Serve /metrics on host:port; the port actually bound."""

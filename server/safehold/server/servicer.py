@@ -14,7 +14,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from datetime import timedelta
 from importlib.metadata import version
 from pathlib import Path
@@ -46,7 +46,7 @@ from safehold.server.logs import request_id
 from safehold.server.metrics import Metrics
 from safehold.server.pre_restore import PreRestoreHistory
 from safehold.server.spool import Spool
-from safehold.server.watchdog import IdleWatchdog
+from safehold.server.watchdog import IdleWatchdog, StallWatchdog
 from safehold.v1 import backup_service_pb2 as pb
 from safehold.v1 import backup_service_pb2_grpc as pb_grpc
 
@@ -166,17 +166,22 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
                 "(--max-concurrent-backups); retry when one has finished"
             )
         sent = [0]
+        stall = StallWatchdog(context, self._config.stall_timeout_seconds)
         try:
-            yield from self._stream_backup(level, sent)
+            yield from stall.watch(self._stream_backup(level, sent))
         except GeneratorExit:
             log.warning(
-                "backup abandoned by the client after %d bytes; its snapshot was ended", sent[0]
+                "backup %s after %d bytes; its snapshot was ended",
+                "stalled" if stall.fired else "abandoned by the client",
+                sent[0],
             )
             raise
         finally:
             self._backup_slots.release()
 
-    def _stream_backup(self, level: int | None, sent: list[int]) -> Iterator[pb.BackupResponse]:
+    def _stream_backup(
+        self, level: int | None, sent: list[int]
+    ) -> Generator[pb.BackupResponse, None, None]:
         """Manifest, chunks, trailer; sent[0] counts the chunk bytes handed to gRPC."""
         started = time.monotonic()
         with (
@@ -223,7 +228,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
         self._refuse_when_stopping()
         started = time.monotonic()
         with IdleWatchdog(
-            request_iterator, context, self._config.upload_idle_timeout_seconds
+            request_iterator, context, self._config.stall_timeout_seconds
         ) as requests:
             yield from self._restore(requests, context, started)
 

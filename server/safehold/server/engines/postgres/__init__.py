@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,6 +61,7 @@ from safehold.v1 import backup_service_pb2 as pb
 log = logging.getLogger(__name__)
 
 _HARMLESS_OUTPUT = ("there is already a transaction in progress",)
+_LOCK_TABLE = re.compile(r"Query was: LOCK TABLE (.+) IN ACCESS SHARE MODE")
 _DANGEROUS_ROLES = ("pg_execute_server_program", "pg_write_server_files", "pg_read_server_files")
 
 # Runs inside the restore's transaction, before the dump: everything the
@@ -139,7 +141,7 @@ class PostgresEngine:
     @contextlib.contextmanager
     def backup(self, compression_level: int | None) -> Iterator[Iterator[bytes]]:
         self._check_pg_dump()
-        argv = self._tools.argv("pg_dump", "--format=custom", "--no-password")
+        argv = self._tools.argv("pg_dump", "--format=custom", "--no-password", self._lock_wait())
         if compression_level is not None:
             argv.append(f"--compress={compression_level}")
         with child(argv, self._env(), stdout=subprocess.PIPE) as dump:
@@ -148,9 +150,11 @@ class PostgresEngine:
     def snapshot(self, dest: Path) -> None:
         self._check_pg_dump()
         with atomic_path(dest) as tmp:
-            argv = self._tools.argv("pg_dump", "--format=custom", "--no-password", f"--file={tmp}")
+            argv = self._tools.argv(
+                "pg_dump", "--format=custom", "--no-password", self._lock_wait(), f"--file={tmp}"
+            )
             with child(argv, self._env()) as dump:
-                _raise_unless_ok(dump, "pg_dump", BackupFailed)
+                self._raise_unless_dumped(dump)
 
     def inspect(self, path: Path, options: RestoreOptions) -> list[Notice]:
         header = self._read_header(path)
@@ -213,7 +217,50 @@ class PostgresEngine:
 
     def _dump_chunks(self, dump: Child) -> Iterator[bytes]:
         yield from read_chunks(dump.stdout)
+        self._raise_unless_dumped(dump)
+
+    def _lock_wait(self) -> str:
+        """pg_dump's bound on waiting for each table's lock: without it, a
+        session holding ACCESS EXCLUSIVE would keep a backup (and the restore
+        whose pre-restore backup it is) waiting for ever."""
+        return f"--lock-wait-timeout={max(1, int(self._lock_timeout * 1000))}"
+
+    def _raise_unless_dumped(self, dump: Child) -> None:
+        """pg_dump's failure; a lock it could not get is DATABASE_BUSY, naming
+        the sessions that hold it when PostgreSQL shows them."""
+        failed = dump.wait() != 0
+        lines = dump.stderr_lines() if failed else []
+        lock = next((m for line in lines if (m := _LOCK_TABLE.search(line))), None)
+        if lock is not None:
+            raise DatabaseBusy(
+                f"pg_dump waited {self._lock_timeout:g}s (--lock-timeout) for a lock on "
+                f"{lock.group(1)}: {self._lock_holders(lock.group(1))}; retry when it is released"
+            )
         _raise_unless_ok(dump, "pg_dump", BackupFailed)
+
+    def _lock_holders(self, relation: str) -> str:
+        """Who holds ACCESS EXCLUSIVE on relation, asked on a connection of its own."""
+        try:
+            with self._connect() as db:
+                rows = db.execute(
+                    "SELECT a.pid, a.usename, a.application_name, a.state, a.xact_start "
+                    "FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a USING (pid) "
+                    "WHERE l.granted AND l.locktype = 'relation' "
+                    "AND l.mode = 'AccessExclusiveLock' "
+                    "AND l.relation = pg_catalog.to_regclass(%s)",
+                    (relation,),
+                ).fetchall()
+        except (psycopg.Error, DatabaseUnavailable):
+            rows = []
+        if not rows:
+            return "the session holding it is no longer visible"
+        return "held by " + ", ".join(
+            f"session {pid} (user {user or '?'}, application {app or '-'}, "
+            f"{state or 'state hidden'}"
+            + (f", transaction since {started:%H:%M:%S %Z}" if started else "")
+            + ")"
+            for pid, user, app, state, started in rows
+        )
 
     def _read_header(self, path: Path) -> DumpHeader:
         with open(path, "rb") as f:
