@@ -1,4 +1,4 @@
-"""The `safehold` command: serve, backup, restore, info.
+"""The `safehold` command: serve, backup, restore, info; list, prune, verify.
 
 Every failure ends with a non-zero exit and one line saying what happened and
 whether the database was touched.
@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from safehold.client import repository_cli
 from safehold.client.client import DEFAULT_TARGET, Client, TlsOptions, open_channel
 from safehold.client.errors import SafeholdError
 from safehold.client.progress import TerminalProgress
@@ -34,11 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "health":
         return _health(args)
     try:
-        with Client(
-            args.target, _password(), tls=_tls(args), connect_timeout=args.connect_timeout
-        ) as client:
-            verb: Callable[[Client, argparse.Namespace], int] = args.run
-            return verb(client, args)
+        return _run(args)
     except SafeholdError as err:
         print(f"safehold: {args.verb} failed: {_explain(err)}", file=sys.stderr)
         return EXIT_FAILED
@@ -50,10 +47,28 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _run(args: argparse.Namespace) -> int:
+    """Run a verb: the repository verbs (list, prune, verify) need no server."""
+    offline: Callable[[argparse.Namespace], int] | None = getattr(args, "offline", None)
+    if offline:
+        return offline(args)
+    with Client(
+        args.target, _password(), tls=_tls(args), connect_timeout=args.connect_timeout
+    ) as client:
+        verb: Callable[[Client, argparse.Namespace], int] = args.run
+        return verb(client, args)
+
+
 def _backup(client: Client, args: argparse.Namespace) -> int:
     progress = _progress_display()
+    if repository_cli.wants_repository(args):
+        line = repository_cli.backup(client, args, progress)
+        if progress:
+            progress.finish()
+        print(line)
+        return 0
     result = client.backup(
-        args.output, compression_level=args.compression_level, on_progress=progress
+        Path(args.output), compression_level=args.compression_level, on_progress=progress
     )
     if progress:
         progress.finish()
@@ -65,7 +80,8 @@ def _backup(client: Client, args: argparse.Namespace) -> int:
 
 
 def _restore(client: Client, args: argparse.Namespace) -> int:
-    if not args.yes and not _confirm(client, args.file):
+    label, restore = repository_cli.restorer(args)
+    if not args.yes and not _confirm(client, label):
         print("safehold: restore cancelled; the database is unchanged", file=sys.stderr)
         return EXIT_FAILED
     progress = _progress_display()
@@ -75,8 +91,8 @@ def _restore(client: Client, args: argparse.Namespace) -> int:
             progress.finish()
         print(f"notice [{reason}]: {message}", file=sys.stderr)
 
-    result = client.restore(
-        args.file,
+    result = restore(
+        client,
         allow_version_mismatch=args.allow_version_mismatch,
         terminate_blocking_sessions=args.terminate_blocking_sessions,
         on_progress=progress,
@@ -126,7 +142,7 @@ def _health(args: argparse.Namespace) -> int:
     return 0 if serving else EXIT_FAILED
 
 
-def _confirm(client: Client, file: Path) -> bool:
+def _confirm(client: Client, file: str) -> bool:
     if not sys.stdin.isatty():
         raise ValueError(
             "restore replaces the whole database: pass --yes to confirm "
@@ -210,11 +226,11 @@ def _parser() -> argparse.ArgumentParser:
     backup.add_argument(
         "-o",
         "--output",
-        type=Path,
-        default=Path("."),
-        help="file or directory to write, default: the server's suggested "
-        "name in the current directory",
+        default=".",
+        help="file, directory or s3://bucket/prefix to write, default: the server's "
+        "suggested name in the current directory",
     )
+    repository_cli.add_backup_options(backup)
     backup.add_argument(
         "--compression-level",
         type=int,
@@ -230,7 +246,8 @@ def _parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         help="replace the database with a backup",
     )
-    restore.add_argument("file", type=Path)
+    restore.add_argument("file", help="a backup FILE, REPOSITORY/NAME, or REPOSITORY --latest")
+    repository_cli.add_restore_options(restore)
     restore.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     restore.add_argument(
         "--allow-version-mismatch",
@@ -243,6 +260,8 @@ def _parser() -> argparse.ArgumentParser:
         help="PostgreSQL: end sessions that hold locks instead of failing",
     )
     restore.set_defaults(run=_restore)
+
+    repository_cli.add_verbs(verbs)
 
     info = verbs.add_parser(
         "info", parents=[client_options], allow_abbrev=False, help="describe the server"
