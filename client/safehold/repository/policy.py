@@ -3,9 +3,10 @@
 `plan()` touches no storage: it groups backups by database, sorts each group newest
 first and walks it once per rule. A rule "keep N hourly/daily/weekly/monthly/yearly"
 keeps the newest backup of each of the N most recent hours/days/ISO weeks/months/years
-that have one; "keep last N" keeps the N newest. A backup is kept if any rule keeps it,
-and every rule that keeps it is named as a reason. Buckets are in UTC. The newest
-backup of each database is always kept, whatever the policy.
+that have one; "keep last N" keeps the N newest; N = -1 means no limit. A backup is kept
+if any rule keeps it, and every rule that keeps it is named as a reason. Buckets are in
+UTC (restic uses local time). An empty policy is refused, and every rule keeps the newest
+backup of its first bucket, so the newest backup of each database is always kept.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def plan(backups: Sequence[Manifest], policy: Policy) -> list[Decision]:
     """A decision for every backup, newest first within each database."""
     if policy.is_empty():
         raise ValueError("an empty policy would remove everything: give at least one --keep-*")
+    if min(getattr(policy, rule) for rule, _ in _RULES) < -1:
+        raise ValueError("a --keep-* count is a number of backups, or -1 for all")
     by_database: dict[str, list[Manifest]] = {}
     for manifest in backups:
         by_database.setdefault(manifest.database_name, []).append(manifest)
@@ -82,6 +85,4 @@ def _plan_one(backups: list[Manifest], policy: Policy) -> list[Decision]:
                 reasons[i].append(f"{rule} backup")
                 last_bucket = value
                 remaining -= 1
-    if ordered and not reasons[0]:
-        reasons[0].append("newest backup")
     return [Decision(m, tuple(r)) for m, r in zip(ordered, reasons, strict=True)]
