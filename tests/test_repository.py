@@ -3,6 +3,7 @@ real S3-protocol server on loopback (moto), through the `safehold` command."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -10,7 +11,7 @@ import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
@@ -217,9 +218,9 @@ def test_a_failed_backup_leaves_nothing_visible(
     assert repo.visible() == []
 
 
-def make_age_key(tmp_path: Path) -> tuple[str, Path]:
+def make_age_key(tmp_path: Path, name: str = "key.txt") -> tuple[str, Path]:
     identity = pyrage.x25519.Identity.generate()
-    path = tmp_path / "key.txt"
+    path = tmp_path / name
     path.write_text(f"# a test key\n{identity}\n")
     path.chmod(0o600)
     return str(identity.to_public()), path
@@ -264,8 +265,8 @@ def test_encrypted_round_trip(
 def test_wrong_identity_fails_before_any_byte_reaches_the_server(
     repo: Repo, sqlite_server: Server, sqlite_db: Path, tmp_path: Path
 ) -> None:
-    recipient, _ = make_age_key(tmp_path / "right" if (tmp_path / "right").mkdir() else tmp_path)
-    _, wrong = make_age_key(tmp_path)
+    recipient, _ = make_age_key(tmp_path, "right.txt")
+    _, wrong = make_age_key(tmp_path, "wrong.txt")
     assert cli(repo, sqlite_server, "backup", "-o", repo.url, "-r", recipient).returncode == 0
     add_row(sqlite_db, "must survive")
     before = sqlite_content(sqlite_db)
@@ -310,3 +311,30 @@ def test_engine_check_works_on_encrypted_backups(
         assert fake.servicer.restores == 0
     assert result.returncode == 1
     assert "is a SQLite backup but the server's database is PostgreSQL" in result.stderr
+
+
+def test_plaintext_that_differs_from_the_manifest_is_never_restored(
+    repo: Repo, sqlite_server: Server, sqlite_db: Path, tmp_path: Path
+) -> None:
+    """age authenticates what it decrypts; the manifest's SHA-256 of the plaintext is
+    checked too, so that a backup that is not the one the manifest describes (the
+    recipients' keys are public: anyone may encrypt to them) is refused at its end."""
+    recipient, identity = make_age_key(tmp_path)
+    assert cli(repo, sqlite_server, "backup", "-o", repo.url, "-r", recipient).returncode == 0
+    repository = repo.open()
+    manifest = repository.latest()
+    forged = replace(manifest, sha256=hashlib.sha256(b"another backup").hexdigest())
+    repository.store.delete(f"{manifest.name}.manifest.json")
+    with repository.store.create(f"{manifest.name}.manifest.json") as out:
+        out.write(forged.to_json())
+    add_row(sqlite_db, "must survive")
+    before = sqlite_content(sqlite_db)
+
+    restore = cli(
+        repo, sqlite_server, "restore", repo.url, "--latest", "--yes", "-i", str(identity)
+    )
+
+    assert restore.returncode == 1
+    assert "decrypted backup" in restore.stderr and "VERIFICATION_FAILED" in restore.stderr
+    assert sqlite_content(sqlite_db) == before
+    assert "restore finished" not in sqlite_server.log()
