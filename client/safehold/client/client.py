@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import grpc
 import tenacity
@@ -42,10 +42,13 @@ from safehold.client.errors import (
 from safehold.contract import PASSWORD_METADATA_KEY, SERVICE_NAME, DatabaseState
 from safehold.files import atomic_path
 from safehold.formats import SNIFF_BYTES, engine_label, engine_of, sniff
-from safehold.repository import Artefact, Manifest, Repository, crypto
-from safehold.repository.streams import as_binary, read_head
+from safehold.streams import as_binary, read_head
 from safehold.v1 import backup_service_pb2 as pb
 from safehold.v1 import backup_service_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    # Only for types: the repository package imports this package's errors.
+    from safehold.repository import Manifest, Repository, crypto
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 UPLOAD_CHUNK_BYTES = 1024 * 1024
@@ -282,6 +285,8 @@ class Client:
     ) -> Manifest:
         """Stream a backup into a repository (directory or s3://), age-encrypted to
         recipients if any, with no local temp file; it is listed only once complete."""
+        from safehold.repository import Artefact
+
         request = pb.BackupRequest(compression_level=compression_level)
 
         def once() -> Manifest:

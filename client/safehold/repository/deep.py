@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 from safehold.client.errors import VerificationFailed
 from safehold.repository.manifest import Manifest
-from safehold.repository.streams import COPY_CHUNK
+from safehold.streams import COPY_CHUNK
 
 Opener = Callable[[], AbstractContextManager[BinaryIO]]
 _PG_ARCHIVES = {"DUMP_FORMAT_PG_CUSTOM", "DUMP_FORMAT_PG_TAR"}

@@ -30,7 +30,7 @@ from safehold.repository.manifest import (
 )
 from safehold.repository.policy import Decision, Policy, plan
 from safehold.repository.store import Store
-from safehold.repository.streams import (
+from safehold.streams import (
     COPY_CHUNK,
     HashingReader,
     HashingWriter,

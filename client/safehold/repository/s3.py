@@ -26,7 +26,7 @@ from botocore.config import Config
 
 from safehold.client.errors import RepositoryError
 from safehold.repository.store import S3_SCHEME, check_name
-from safehold.repository.streams import as_binary
+from safehold.streams import as_binary
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -213,7 +213,8 @@ class _MultipartWriter(io.RawIOBase):
     def write(self, data: Any) -> int:
         self._buffer += data
         while len(self._buffer) >= self._part_size:
-            part = bytes(self._buffer[: self._part_size])
+            with memoryview(self._buffer) as view:
+                part = bytes(view[: self._part_size])  # one copy, not two
             del self._buffer[: self._part_size]
             self._send(part)
         return len(data)

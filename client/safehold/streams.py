@@ -1,4 +1,7 @@
-"""Readers that hash what passes through them, and check it at the end."""
+"""Readers and writers that hash what passes through them, and check it at the end.
+
+Shared by the client (backup and restore streams) and the repositories.
+"""
 
 from __future__ import annotations
 
