@@ -18,11 +18,13 @@ from pathlib import Path
 
 import pyrage
 import pytest
+from conftest import new_pg_database
 from fake_server import Script, fake_server
 from helpers import Server, run_cli, sqlite_content
+from pg import Cluster
 from s3server import S3Server, s3_server
 
-from safehold.repository import Artefact, Repository, open_repository
+from safehold.repository import Artefact, Repository, crypto, open_repository
 from safehold.v1 import backup_service_pb2 as pb
 
 _buckets = itertools.count()
@@ -136,19 +138,26 @@ def test_backup_list_restore_latest_and_by_name(
     assert sqlite_content(sqlite_db) == first_content
 
 
-def write_at(repository: Repository, data: bytes, stamp: str) -> str:
+def write_at(
+    repository: Repository,
+    data: bytes,
+    stamp: str,
+    dump_format: str = "DUMP_FORMAT_SQLITE_FILE",
+    recipient: str | None = None,
+) -> str:
     """A backup of data in repository, as if taken at stamp (UTC)."""
     created = datetime.fromisoformat(stamp).replace(tzinfo=UTC)
     artefact = Artefact(
-        engine="SQLite",
+        engine="SQLite" if dump_format == "DUMP_FORMAT_SQLITE_FILE" else "PostgreSQL",
         engine_version="3",
-        dump_format="DUMP_FORMAT_SQLITE_FILE",
+        dump_format=dump_format,
         database_name="app",
         created_at=created,
         safehold_version="test",
         suggested_name=f"app-{created:%Y%m%dT%H%M%SZ}.sqlite",
     )
-    return repository.write(artefact, BytesIO(data)).name
+    recipients = [crypto.parse_recipient(recipient)] if recipient else []
+    return repository.write(artefact, BytesIO(data), recipients).name
 
 
 def test_prune_keeps_what_the_policy_says_and_removes_incomplete(
@@ -338,3 +347,44 @@ def test_plaintext_that_differs_from_the_manifest_is_never_restored(
     assert "decrypted backup" in restore.stderr and "VERIFICATION_FAILED" in restore.stderr
     assert sqlite_content(sqlite_db) == before
     assert "restore finished" not in sqlite_server.log()
+
+
+def damaged_sqlite(good: bytes) -> bytes:
+    """The file with its third page overwritten: the header still says SQLite."""
+    page = 4096
+    return good[: 2 * page] + bytes(range(256)) * (page // 256) + good[3 * page :]
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_deep_verify_has_the_engine_read_the_backup(
+    engine: str, tmp_path: Path, sqlite_db: Path, pg_cluster: Cluster
+) -> None:
+    """A backup that matches its manifest but that the engine cannot read passes the plain
+    verify and fails --deep, which touches no database."""
+    repo_dir = tmp_path / "repo"
+    repo_dir.mkdir()
+    repository = open_repository(str(repo_dir))
+    if engine == "sqlite":
+        good = sqlite_db.read_bytes()
+        bad = damaged_sqlite(good)
+        dump_format, expected = "DUMP_FORMAT_SQLITE_FILE", "integrity_check passed"
+    else:
+        db = new_pg_database(pg_cluster)
+        db.execute("CREATE TABLE t AS SELECT g, md5(g::text) FROM generate_series(1, 20000) g")
+        good = pg_cluster.dump(db.name, tmp_path / "app.dump", "-Fc").read_bytes()
+        bad = good[: len(good) * 2 // 3]  # the table of contents is whole, the data is not
+        dump_format, expected = "DUMP_FORMAT_PG_CUSTOM", "full pg_restore read passed"
+    recipient, identity = make_age_key(tmp_path)
+    for stamp, data in (("2026-01-01T10:00", good), ("2026-01-01T11:00", bad)):
+        write_at(repository, data, stamp, dump_format, recipient)
+    good_name, bad_name = (m.name for m in sorted(repository.backups(), key=lambda m: m.created_at))
+    repo = Repo(str(repo_dir), {})
+
+    plain = cli(repo, None, "verify", str(repo_dir), "--all")
+    assert plain.returncode == 0, plain.stderr
+    ok = cli(repo, None, "verify", str(repo_dir / good_name), "--deep", "-i", str(identity))
+    assert ok.returncode == 0, ok.stderr
+    assert expected in ok.stdout
+    deep = cli(repo, None, "verify", str(repo_dir / bad_name), "--deep", "-i", str(identity))
+    assert deep.returncode == 1
+    assert f"DAMAGED {bad_name}" in deep.stderr
