@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 COPY_CHUNK = 1024 * 1024
@@ -84,6 +84,29 @@ def expecting(
             raise fail(f"SHA-256 {actual_sha256} instead of {sha256}")
 
     return check
+
+
+class ChunksReader(io.RawIOBase):
+    """An iterator of byte chunks as a raw stream, for consumers that read (copyfileobj,
+    pyrage). An exception from the iterator is raised from read()."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._pending = chunk
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
 
 
 def as_binary(raw: io.RawIOBase) -> BinaryIO:

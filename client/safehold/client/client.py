@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
-import io
 import json
 import os
 import shutil
@@ -25,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 import grpc
 import tenacity
@@ -42,7 +41,7 @@ from safehold.client.errors import (
 from safehold.contract import PASSWORD_METADATA_KEY, SERVICE_NAME, DatabaseState
 from safehold.files import atomic_path
 from safehold.formats import SNIFF_BYTES, engine_label, engine_of, sniff
-from safehold.streams import as_binary, read_head
+from safehold.streams import ChunksReader, as_binary, read_head
 from safehold.v1 import backup_service_pb2 as pb
 from safehold.v1 import backup_service_pb2_grpc as pb_grpc
 
@@ -478,61 +477,48 @@ class _Upload:
         yield pb.RestoreRequest(trailer=pb.Digest(size_bytes=size, sha256=digest.digest()))
 
 
-class _BackupStream(io.RawIOBase):
+class _BackupStream(ChunksReader):
     """The chunks of a backup stream as a reader, whose end raises unless the
     trailer matches what arrived: nothing downstream sees a clean end otherwise."""
 
     def __init__(
         self, responses: Iterator[pb.BackupResponse], on_progress: ProgressCallback | None
     ) -> None:
-        self._responses = _iterate(responses)
-        self._on_progress = on_progress
+        super().__init__(self._receive(_iterate(responses), on_progress))
         self._digest = hashlib.sha256()
-        self._pending = b""
-        self._ended = False
         self.size = 0
 
     @property
     def sha256(self) -> str:
         return self._digest.hexdigest()
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while not self._pending and not self._ended:
-            self._pending = self._next_chunk()
-        n = min(len(buffer), len(self._pending))
-        buffer[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
-        return n
-
-    def _next_chunk(self) -> bytes:
-        response = next(self._responses, None)
-        kind = response.WhichOneof("frame") if response else None
-        if response is None:
-            raise IncompleteBackup(
-                f"the backup stream ended after {self.size} bytes without a trailer; "
-                "the partial file was deleted"
-            )
-        if kind == "chunk":
-            self._digest.update(response.chunk)
-            self.size += len(response.chunk)
-            if self._on_progress:
-                self._on_progress(Progress("BACKUP", self.size, None))
-            return response.chunk
-        if kind == "trailer":
-            trailer = response.trailer
-            if trailer.size_bytes != self.size or not hmac.compare_digest(
-                trailer.sha256, self._digest.digest()
-            ):
-                raise IncompleteBackup(
-                    f"the backup's trailer does not match what arrived ({self.size} bytes); "
-                    "the partial file was deleted"
-                )
-            self._ended = True
-            return b""
-        raise IncompleteBackup(f"unexpected {kind} frame in the backup stream")
+    def _receive(
+        self, responses: Iterator[pb.BackupResponse], on_progress: ProgressCallback | None
+    ) -> Iterator[bytes]:
+        for response in responses:
+            kind = response.WhichOneof("frame")
+            if kind == "chunk":
+                self._digest.update(response.chunk)
+                self.size += len(response.chunk)
+                if on_progress:
+                    on_progress(Progress("BACKUP", self.size, None))
+                yield response.chunk
+            elif kind == "trailer":
+                trailer = response.trailer
+                if trailer.size_bytes != self.size or not hmac.compare_digest(
+                    trailer.sha256, self._digest.digest()
+                ):
+                    raise IncompleteBackup(
+                        f"the backup's trailer does not match what arrived ({self.size} bytes); "
+                        "the partial file was deleted"
+                    )
+                return
+            else:
+                raise IncompleteBackup(f"unexpected {kind} frame in the backup stream")
+        raise IncompleteBackup(
+            f"the backup stream ended after {self.size} bytes without a trailer; "
+            "the partial file was deleted"
+        )
 
 
 def _iterate(responses: Iterator[T]) -> Iterator[T]:

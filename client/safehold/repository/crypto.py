@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import queue
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -19,6 +19,7 @@ import pyrage
 from pyrage import ssh, x25519
 
 from safehold.client.errors import EncryptionKeyError
+from safehold.streams import ChunksReader
 
 Recipient = Any
 """A pyrage x25519 or SSH recipient (pyrage ships no type stubs)."""
@@ -73,35 +74,12 @@ def load_identities(paths: Iterable[Path]) -> list[Identity]:
 
 
 def encrypt(source: BinaryIO, out: BinaryIO, recipients: Sequence[Recipient]) -> None:
-    """Encrypt source to its end into out. An error raised by source is raised as is."""
+    """Encrypt source to its end into out. pyrage wraps an error of source in its own;
+    a source that keeps its error in `.error` (streams.HashingReader) has it raised as is."""
     try:
         pyrage.encrypt_io(source, out, list(recipients))
     except pyrage.EncryptError:
         raise _original(source) from None
-
-
-class _Remembering(io.RawIOBase):
-    """A reader that keeps the exception it raised, since pyrage wraps it in its own."""
-
-    def __init__(self, inner: BinaryIO) -> None:
-        self.inner = inner
-        self.error: BaseException | None = None
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        try:
-            data = self.inner.read(len(buffer))
-        except BaseException as err:
-            self.error = err
-            raise
-        buffer[: len(data)] = data
-        return len(data)
-
-
-def remembering(source: BinaryIO) -> BinaryIO:
-    return _Remembering(source)  # type: ignore[return-value]
 
 
 def _original(source: BinaryIO) -> BaseException:
@@ -109,15 +87,14 @@ def _original(source: BinaryIO) -> BaseException:
     return error if error is not None else EncryptionKeyError("age encryption failed")
 
 
-class DecryptingReader(io.RawIOBase):
+class DecryptingReader(ChunksReader):
     """The plaintext of an age stream, decrypted by a thread as it is read."""
 
     def __init__(self, stored: BinaryIO, identities: Sequence[Identity], name: str) -> None:
+        super().__init__(self._from_queue())
         self._name = name
         self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(_QUEUE_CHUNKS)
         self._closing = threading.Event()
-        self._buffer = b""
-        self._eof = False
         self._thread = threading.Thread(
             target=self._run, args=(stored, list(identities)), name="age-decrypt", daemon=True
         )
@@ -139,26 +116,15 @@ class DecryptingReader(io.RawIOBase):
             except queue.Full:
                 continue
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while not self._buffer and not self._eof:
-            item = self._queue.get()
-            if item is None:
-                self._eof = True
-            elif isinstance(item, BaseException):
-                self._eof = True
+    def _from_queue(self) -> Iterator[bytes]:
+        while (item := self._queue.get()) is not None:
+            if isinstance(item, BaseException):
                 raise EncryptionKeyError(
-                    f"cannot decrypt {self._name} with the given identity (-i): {item}",
+                    f"cannot decrypt {self._name} with the given identity (-i), or it is "
+                    f"damaged (run safehold verify): {item}",
                     reason="DECRYPTION_FAILED",
                 ) from None
-            else:
-                self._buffer = item
-        n = min(len(buffer), len(self._buffer))
-        buffer[:n] = self._buffer[:n]
-        self._buffer = self._buffer[n:]
-        return n
+            yield item
 
     def close(self) -> None:
         self._closing.set()
