@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import time
@@ -388,3 +389,32 @@ def test_deep_verify_has_the_engine_read_the_backup(
     deep = cli(repo, None, "verify", str(repo_dir / bad_name), "--deep", "-i", str(identity))
     assert deep.returncode == 1
     assert f"DAMAGED {bad_name}" in deep.stderr
+
+
+def test_unreachable_s3_is_one_clear_line_without_secrets(tmp_path: Path) -> None:
+    """Connection errors are retried, then reported as STORAGE_FAILED; the secret key
+    given in the environment appears nowhere."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]  # nothing listens once the socket is closed
+    secret = "a-secret-key-that-must-not-show"
+    env = {
+        **os.environ,
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{closed}",
+        "AWS_ACCESS_KEY_ID": "key-id",
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_REGION": "us-east-1",
+    }
+    result = run_cli("list", "s3://backups/app", env=env)
+    assert result.returncode == 1
+    assert "STORAGE_FAILED" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert secret not in result.stderr + result.stdout
+
+
+def test_a_bad_recipient_is_refused_before_the_backup(
+    repo: Repo, sqlite_server: Server, tmp_path: Path
+) -> None:
+    result = cli(repo, sqlite_server, "backup", "-o", repo.url, "--recipient", "age1notakey")
+    assert result.returncode == 1 and "BAD_KEY" in result.stderr
+    assert "backup of" not in sqlite_server.log()
+    assert repo.visible() == []
