@@ -418,3 +418,14 @@ def test_a_bad_recipient_is_refused_before_the_backup(
     assert result.returncode == 1 and "BAD_KEY" in result.stderr
     assert "backup of" not in sqlite_server.log()
     assert repo.visible() == []
+
+
+def test_an_unreadable_manifest_is_named(tmp_path: Path) -> None:
+    repo_dir = tmp_path / "repo"
+    repo_dir.mkdir()
+    (repo_dir / "app-1.sqlite").write_bytes(b"SQLite format 3\x00")
+    (repo_dir / "app-1.sqlite.manifest.json").write_text('{"engine": "SQLite"}')
+    result = run_cli("list", str(repo_dir), env=dict(os.environ))
+    assert result.returncode == 1
+    assert "app-1.sqlite.manifest.json is not a readable manifest" in result.stderr
+    assert "BAD_MANIFEST" in result.stderr and len(result.stderr.splitlines()) == 1

@@ -378,14 +378,11 @@ class Client:
                         duration=r.duration.ToTimedelta(),
                         notices=notices,
                     )
-        except ConnectionFailed as err:
-            if upload.error:
+        except SafeholdError as err:
+            if upload.error:  # the server only saw the upload end early: say why
                 raise upload.error from None
-            err.retryable = not upload.sent_data
-            raise
-        except SafeholdError:
-            if upload.error:
-                raise upload.error from None
+            if isinstance(err, ConnectionFailed):
+                err.retryable = not upload.sent_data
             raise
         finally:
             call.cancel()  # type: ignore[no-untyped-call]

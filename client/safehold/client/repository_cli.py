@@ -53,7 +53,7 @@ def backup(client: Client, args: argparse.Namespace, progress: ProgressCallback 
     encrypted = f", age-encrypted ({manifest.stored_size_bytes} bytes stored)"
     return (
         f"backup of {manifest.database_name} ({manifest.engine} {manifest.engine_version}) "
-        f"saved to {repository.location.rstrip('/')}/{manifest.name}: {manifest.size_bytes} "
+        f"saved to {repository.location}/{manifest.name}: {manifest.size_bytes} "
         f"bytes, sha256 {manifest.sha256}{encrypted if manifest.encrypted else ''}"
     )
 
@@ -75,7 +75,7 @@ def restorer(args: argparse.Namespace) -> tuple[str, Restorer]:
     else:
         path = Path(args.file)
         return str(path), lambda client, **options: client.restore(path, **options)
-    label = f"{repository.location.rstrip('/')}/{manifest.name}"
+    label = f"{repository.location}/{manifest.name}"
 
     def restore(client: Client, **options: Any) -> RestoreResult:
         return client.restore_backup(repository, manifest, identities=identities, **options)

@@ -18,7 +18,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import BinaryIO
 
-from safehold.client.errors import BackupNotFound, EncryptionKeyError, VerificationFailed
+from safehold.client.errors import (
+    BackupNotFound,
+    EncryptionKeyError,
+    RepositoryError,
+    VerificationFailed,
+)
 from safehold.repository import crypto
 from safehold.repository.manifest import (
     AGE_SUFFIX,
@@ -70,7 +75,8 @@ class Repository:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.location = store.location
+        self.location = store.location.rstrip("/")
+        """Where the repository is, for messages: NAME is at f"{location}/{NAME}"."""
 
     def backups(self, database: str | None = None) -> list[Manifest]:
         """Complete backups, newest first."""
@@ -109,7 +115,14 @@ class Repository:
 
     def _read_manifest(self, name: str) -> Manifest:
         with self.store.open(manifest_name(name)) as f:
-            return Manifest.from_json(name, f.read())
+            data = f.read()
+        try:
+            return Manifest.from_json(name, data)
+        except (KeyError, TypeError, ValueError) as err:
+            raise RepositoryError(
+                f"{self.location}/{manifest_name(name)} is not a readable manifest: {err!r}",
+                reason="BAD_MANIFEST",
+            ) from None
 
     def write(
         self,
