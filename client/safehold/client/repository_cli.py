@@ -177,15 +177,16 @@ def add_verbs(verbs: Any) -> None:
         help="remove backups a retention policy does not keep (restic's forget rules)",
     )
     pruning.add_argument("repository", help="a directory or s3://bucket/prefix")
-    for rule in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
+    periods = {"hourly": "hours", "daily": "days", "weekly": "ISO weeks"}
+    periods |= {"monthly": "months", "yearly": "years"}
+    pruning.add_argument("--keep-last", type=int, default=0, metavar="N", help="the N newest")
+    for rule, period in periods.items():
         pruning.add_argument(
             f"--keep-{rule}",
             type=int,
             default=0,
             metavar="N",
-            help=f"keep the newest backup of each of the last N {rule} periods"
-            if rule != "last"
-            else "keep the N newest backups",
+            help=f"the newest backup of each of the last N {period} that have one (UTC)",
         )
     pruning.add_argument("--dry-run", action="store_true", help="print the plan, remove nothing")
     pruning.set_defaults(offline=prune)

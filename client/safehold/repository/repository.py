@@ -99,7 +99,10 @@ class Repository:
 
     def get(self, name: str) -> Manifest:
         if not (self.store.exists(name) and self.store.exists(manifest_name(name))):
-            raise BackupNotFound(f"no complete backup {name!r} in {self.location}")
+            raise BackupNotFound(
+                f"no complete backup {name!r} in {self.location} "
+                "(`safehold list` shows them; `REPOSITORY --latest` picks the newest)"
+            )
         return self._read_manifest(name)
 
     def latest(self, database: str | None = None) -> Manifest:
