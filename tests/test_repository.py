@@ -13,7 +13,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from io import BytesIO
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from helpers import Server, run_cli, sqlite_content
 from pg import Cluster
 from s3server import S3Server, s3_server
 
-from safehold.repository import Artefact, Repository, crypto, open_repository
+from safehold.repository import Artefact, Policy, Repository, crypto, open_repository
 from safehold.v1 import backup_service_pb2 as pb
 
 _buckets = itertools.count()
@@ -176,7 +176,8 @@ def test_prune_keeps_what_the_policy_says_and_removes_incomplete(
     assert dry.returncode == 0, dry.stderr
     assert f"keep   2026-02-03 09:00:00Z  {names[3]}  (daily backup)" in dry.stdout
     assert f"remove 2026-01-01 11:00:00Z  {names[1]}" in dry.stdout
-    assert "remove app-interrupted.sqlite  (incomplete: no manifest)" in dry.stdout
+    # just written, so perhaps a backup still in progress
+    assert "keep   app-interrupted.sqlite  (no manifest yet" in dry.stdout
     assert len(listed(repo)) == 4 and "app-interrupted.sqlite" in repo.visible()
 
     pruned = cli(repo, None, "prune", repo.url, "--keep-daily", "2", "--keep-monthly", "2")
@@ -184,7 +185,15 @@ def test_prune_keeps_what_the_policy_says_and_removes_incomplete(
     kept = {str(b["name"]) for b in listed(repo)}
     # daily: 02-03 and 01-02; monthly: 02-03 and January's newest, 01-02
     assert kept == {names[3], names[2]}
-    assert repo.visible() == sorted([*kept, *(f"{n}.manifest.json" for n in kept)])
+    objects = [*kept, *(f"{n}.manifest.json" for n in kept)]
+    assert repo.visible() == sorted([*objects, "app-interrupted.sqlite"])
+
+    # Two hours on, it is an interrupted backup: removed, whatever the policy keeps.
+    later = datetime.now(UTC) + timedelta(hours=2)
+    plan = repository.plan_prune(Policy(last=-1), now=later)
+    assert plan.incomplete == ["app-interrupted.sqlite"] and plan.remove == []
+    repository.prune(plan)
+    assert repo.visible() == sorted(objects)
 
 
 def test_verify_finds_a_changed_byte_and_restore_refuses_it(

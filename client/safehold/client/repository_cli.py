@@ -121,6 +121,8 @@ def prune(args: argparse.Namespace) -> int:
         print(f"{verdict} {m.created_at:%Y-%m-%d %H:%M:%S}Z  {m.name}{why}")
     for name in plan.incomplete:
         print(f"remove {name}  (incomplete: no manifest)")
+    for name in plan.in_progress:
+        print(f"keep   {name}  (no manifest yet, under an hour old: may be a backup in progress)")
     if args.dry_run:
         print(f"dry run: nothing removed from {repository.location}")
         return 0

@@ -15,7 +15,7 @@ import contextlib
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import BinaryIO
 
 from safehold.client.errors import (
@@ -43,6 +43,10 @@ from safehold.streams import (
     expecting,
 )
 
+INCOMPLETE_GRACE = timedelta(hours=1)
+"""How old an object without a manifest must be before prune takes it for an
+interrupted backup rather than one being written."""
+
 
 @dataclass(frozen=True)
 class Artefact:
@@ -63,7 +67,9 @@ class PrunePlan:
 
     decisions: list[Decision]
     incomplete: list[str] = field(default_factory=list)
-    """Objects without a manifest: interrupted backups, always removed."""
+    """Objects without a manifest, older than INCOMPLETE_GRACE: interrupted backups."""
+    in_progress: list[str] = field(default_factory=list)
+    """Objects without a manifest yet, younger than that: left alone."""
 
     @property
     def remove(self) -> list[Manifest]:
@@ -80,7 +86,7 @@ class Repository:
 
     def backups(self, database: str | None = None) -> list[Manifest]:
         """Complete backups, newest first."""
-        names = set(self.store.names())
+        names = set(self.store.objects())
         found = []
         for name in names:
             base = name.removesuffix(MANIFEST_SUFFIX)
@@ -90,12 +96,14 @@ class Repository:
                     found.append(manifest)
         return sorted(found, key=lambda m: (m.created_at, m.name), reverse=True)
 
-    def incomplete(self) -> list[str]:
-        """Backup objects whose manifest was never written."""
-        names = set(self.store.names())
-        return sorted(
-            n for n in names if not n.endswith(MANIFEST_SUFFIX) and manifest_name(n) not in names
-        )
+    def incomplete(self) -> dict[str, datetime]:
+        """Backup objects whose manifest was never written, and when they were written."""
+        objects = self.store.objects()
+        return {
+            name: written
+            for name, written in sorted(objects.items())
+            if not name.endswith(MANIFEST_SUFFIX) and manifest_name(name) not in objects
+        }
 
     def get(self, name: str) -> Manifest:
         if not (self.store.exists(name) and self.store.exists(manifest_name(name))):
@@ -166,7 +174,7 @@ class Repository:
 
     def _free_name(self, wanted: str) -> str:
         """wanted, or wanted with -2, -3... before its extension if taken."""
-        names = set(self.store.names())
+        names = set(self.store.objects())
         stem, dot, ext = wanted.partition(".")
         candidate, n = wanted, 1
         while candidate in names or manifest_name(candidate) in names:
@@ -222,9 +230,16 @@ class Repository:
             while stored.read(COPY_CHUNK):
                 pass
 
-    def plan_prune(self, policy: Policy) -> PrunePlan:
-        """What prune would do; touches nothing."""
-        return PrunePlan(plan(self.backups(), policy), self.incomplete())
+    def plan_prune(self, policy: Policy, now: datetime | None = None) -> PrunePlan:
+        """What prune would do; touches nothing. An incomplete object younger than
+        INCOMPLETE_GRACE may be a backup still being written: it is left alone."""
+        cutoff = (now or datetime.now(UTC)) - INCOMPLETE_GRACE
+        incomplete = self.incomplete()
+        return PrunePlan(
+            plan(self.backups(), policy),
+            incomplete=[n for n, written in incomplete.items() if written < cutoff],
+            in_progress=[n for n, written in incomplete.items() if written >= cutoff],
+        )
 
     def prune(self, prune_plan: PrunePlan) -> None:
         """Delete what the plan removes: each manifest first, so that a prune that stops

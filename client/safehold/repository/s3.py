@@ -17,6 +17,7 @@ import contextlib
 import io
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import boto3
@@ -106,16 +107,18 @@ class S3Store:
     def _key(self, name: str) -> str:
         return self.prefix + check_name(name)
 
-    def names(self) -> list[str]:
+    def objects(self) -> dict[str, datetime]:
         paginator = self._s3.get_paginator("list_objects_v2")
 
-        def list_all() -> list[str]:
+        def list_all() -> dict[str, datetime]:
             pages = paginator.paginate(Bucket=self.bucket, Prefix=self.prefix, Delimiter="/")
-            return [
-                obj["Key"][len(self.prefix) :] for page in pages for obj in page.get("Contents", [])
-            ]
+            return {
+                obj["Key"][len(self.prefix) :]: obj["LastModified"]
+                for page in pages
+                for obj in page.get("Contents", [])
+            }
 
-        return sorted(n for n in retried(list_all) if n and not n.startswith("."))
+        return {n: t for n, t in retried(list_all).items() if n and not n.startswith(".")}
 
     def exists(self, name: str) -> bool:
         key = self._key(name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -25,8 +26,8 @@ class Store(Protocol):
     location: str
     """Where the store is, for messages (a path or an s3:// URL)."""
 
-    def names(self) -> list[str]:
-        """Every complete object's name."""
+    def objects(self) -> dict[str, datetime]:
+        """Every complete object's name, and when it was last written (UTC)."""
         ...
 
     def exists(self, name: str) -> bool: ...
@@ -56,12 +57,14 @@ class LocalStore:
         self.root = root
         self.location = str(root)
 
-    def names(self) -> list[str]:
+    def objects(self) -> dict[str, datetime]:
         if not self.root.is_dir():
             raise FileNotFoundError(f"no repository at {self.root}: the directory does not exist")
-        return sorted(
-            p.name for p in self.root.iterdir() if not p.name.startswith(".") and p.is_file()
-        )
+        return {
+            p.name: datetime.fromtimestamp(p.stat().st_mtime, UTC)
+            for p in self.root.iterdir()
+            if not p.name.startswith(".") and p.is_file()
+        }
 
     def exists(self, name: str) -> bool:
         return (self.root / check_name(name)).exists()
