@@ -71,6 +71,16 @@ class _Servicer(pb_grpc.BackupServiceServicer):
             digest = hashlib.sha256(data + b"x").digest()
         yield pb.BackupResponse(trailer=pb.Digest(size_bytes=len(data), sha256=digest))
 
+    def ListRepositoryBackups(
+        self, request: pb.ListRepositoryBackupsRequest, context: grpc.ServicerContext
+    ) -> pb.ListRepositoryBackupsResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "the fake server has no repository")
+
+    def CreateRepositoryBackup(
+        self, request: pb.CreateRepositoryBackupRequest, context: grpc.ServicerContext
+    ) -> pb.CreateRepositoryBackupResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "the fake server has no repository")
+
     def Restore(
         self, request_iterator: Iterator[pb.RestoreRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.RestoreResponse]:

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
+from safehold.server import schedule
+
 log = logging.getLogger(__name__)
 N = TypeVar("N", int, float)
 
@@ -78,6 +80,7 @@ class Config:
     metrics_listen: str | None
     reflection: bool = False
     health_listen: str | None = None
+    repository: schedule.RepositorySettings | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -187,6 +190,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="log JSON lines " + env % "SAFEHOLD_LOG_JSON",
     )
+    schedule.add_arguments(parser)
 
 
 def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Config:
@@ -268,7 +272,17 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         metrics_listen=pick(args.metrics_listen, "METRICS_LISTEN"),
         reflection=_flag(pick(args.reflection, "REFLECTION")),
         health_listen=health_listen,
+        repository=_repository_settings(args, environ),
     )
+
+
+def _repository_settings(
+    args: argparse.Namespace, environ: Mapping[str, str]
+) -> schedule.RepositorySettings | None:
+    try:
+        return schedule.load(args, environ)
+    except schedule.ScheduleError as err:
+        raise ConfigError(str(err)) from None
 
 
 def parse_database_url(url: str) -> tuple[PostgresTarget | SqliteTarget, str | None]:
