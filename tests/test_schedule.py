@@ -5,6 +5,7 @@ loopback, the metrics port, and the two repository RPCs from the Python client."
 from __future__ import annotations
 
 import http.server
+import itertools
 import json
 import re
 import sqlite3
@@ -12,13 +13,21 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from io import BytesIO
 from pathlib import Path
 
+import grpc
 import pyrage
 import pytest
 from conftest import PASSWORD
-from helpers import Server, sqlite_content, start_server
+from helpers import Server, add_filler, error_reason, run_cli, sqlite_content, start_server
+from s3server import S3Server
 from test_repository import Repo, cli, repo, s3  # noqa: F401 (fixtures reused)
+
+from safehold.client import Client
+from safehold.repository import Artefact
+from safehold.v1 import backup_service_pb2 as pb
 
 STORED = re.compile(r"scheduled backup of \S+ stored: .*?(\d+) backups in the repository")
 
@@ -134,3 +143,186 @@ def test_runs_on_an_interval_with_retention_after_each_and_every_backup_restorab
             assert sqlite_content(sqlite_db) == expected
     finally:
         restorer.stop()
+
+
+def write_backup(repository: Repo, db: Path, created_at: datetime) -> None:
+    """A backup of db in the repository, as if taken at created_at."""
+    repository.open().write(
+        Artefact(
+            engine="SQLite",
+            engine_version="3",
+            dump_format="DUMP_FORMAT_SQLITE_FILE",
+            database_name=db.stem,
+            created_at=created_at,
+            safehold_version="test",
+            suggested_name=f"{db.stem}-{created_at:%Y%m%dT%H%M%SZ}.sqlite",
+        ),
+        BytesIO(db.read_bytes()),
+    )
+
+
+_absent_buckets = itertools.count()
+
+
+@pytest.mark.parametrize("fault", ["database", "repository"])
+def test_a_failing_run_is_retried_reported_and_the_next_one_succeeds(
+    fault: str,
+    s3: S3Server,  # noqa: F811 (the fixture)
+    tmp_path: Path,
+    sqlite_db: Path,
+    webhook: Webhook,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    before = sqlite_content(sqlite_db)
+    moved = tmp_path / "elsewhere.sqlite"
+    if fault == "database":
+        # A fresh backup, so that the first run is one period away: time to take the
+        # database file away once the server has started (the engine cannot open it).
+        repository = Repo(str(tmp_path / "repo"), {})
+        Path(repository.url).mkdir()
+        write_backup(repository, sqlite_db, datetime.now(UTC))
+    else:  # the bucket does not exist (yet)
+        bucket = f"absent-{next(_absent_buckets)}"
+        for key, value in s3.env.items():
+            monkeypatch.setenv(key, value)
+        repository = Repo(f"s3://{bucket}/nightly", s3.env, s3, bucket)
+    server = serve(
+        tmp_path,
+        sqlite_db,
+        repository,
+        "--schedule",
+        "4s",
+        "--notify-url",
+        webhook.url,
+        "--notify-on",
+        "success,failure",
+    )
+    try:
+        if fault == "database":
+            sqlite_db.rename(moved)
+        wait_for(lambda: "failure" in webhook.events(), "a failure webhook")
+        failed_at = metric(server, "safehold_scheduled_backup_last_failure_timestamp_seconds")
+        assert failed_at > 0
+        assert metric(server, "safehold_scheduled_backup_last_success_timestamp_seconds") == 0
+        failed = re.search(r"scheduled backup FAILED after (\d+) attempts", server.log())
+        assert failed and int(failed.group(1)) >= 2, server.log()
+        assert "scheduled backup attempt 1 failed" in server.log()
+        document = webhook.received[webhook.events().index("failure")]
+        assert document["error"] and document["attempts"] == int(failed.group(1))
+        assert PASSWORD not in json.dumps(document)
+
+        if fault == "database":
+            moved.rename(sqlite_db)
+        else:
+            s3.client().create_bucket(Bucket=repository.bucket)
+        wait_for(lambda: "success" in webhook.events(), "a success webhook after the fault")
+        succeeded_at = metric(server, "safehold_scheduled_backup_last_success_timestamp_seconds")
+        assert succeeded_at > failed_at
+    finally:
+        assert server.stop() == 0
+    # The webhook's token never reaches the log; the database is as it was.
+    assert "secret-token" not in server.log()
+    assert sqlite_content(sqlite_db) == before
+    assert repository.open().backups()
+
+
+def test_catch_up_at_start_when_the_newest_backup_is_older_than_a_period(
+    tmp_path: Path, sqlite_db: Path
+) -> None:
+    repository = Repo(str(tmp_path / "repo"), {})
+    Path(repository.url).mkdir()
+    write_backup(repository, sqlite_db, datetime.now(UTC) - timedelta(days=2))
+    nightly = ("--schedule", "0 3 * * *")
+    server = serve(tmp_path, sqlite_db, repository, *nightly)
+    try:
+        wait_for(lambda: runs(server), "the catch-up run", timeout=45)
+    finally:
+        assert server.stop() == 0
+    assert "is older than one period: catching up" in server.log()
+    assert len(repository.open().backups()) == 2
+
+    # Now the newest backup is minutes old: the next run waits for 03:00.
+    again = serve(tmp_path, sqlite_db, repository, *nightly)
+    try:
+        wait_for(lambda: "scheduled backups (0 3 * * *)" in again.log(), "the schedule's start")
+    finally:
+        assert again.stop() == 0
+    assert "catching up" not in again.log()
+    assert re.search(r"next at \S+T03:00:00\+00:00", again.log())
+    assert len(repository.open().backups()) == 2
+
+
+def test_shutdown_in_the_middle_of_a_run_leaves_no_partial_backup(
+    repo: Repo,  # noqa: F811 (the fixture)
+    tmp_path: Path,
+    sqlite_db: Path,
+) -> None:
+    add_filler(sqlite_db, 150)
+    server = serve(tmp_path, sqlite_db, repo, "--schedule", "1h")
+    wait_for(lambda: "backup of app started" in server.log(), "the catch-up run to start")
+    assert server.stop() == 0
+    assert "scheduled backup stopped by shutdown; nothing was stored" in server.log()
+    assert repo.open().backups() == []
+    assert repo.visible() == []
+
+
+def test_repository_rpcs_from_the_python_client_and_the_cli(
+    tmp_path: Path, sqlite_db: Path
+) -> None:
+    repository = Repo(str(tmp_path / "repo"), {})
+    server = serve(tmp_path, sqlite_db, repository, "--keep-last", "4")
+    (tmp_path / "bare").mkdir()
+    bare = start_server(tmp_path / "bare", f"sqlite:///{sqlite_db}", PASSWORD)
+    try:
+        with Client(server.target, PASSWORD) as client:
+            made = [client.backup_now() for _ in range(5)]
+            listed = list(client.repository_backups(page_size=3))
+        assert [r.backups_in_repository for r in made] == [1, 2, 3, 4, 4]
+        assert made[-1].pruned == 1 and made[-1].repository == repository.url
+        # Newest first, over two pages, exactly the manifests in the repository.
+        assert listed == repository.open().backups()
+        assert [m.name for m in listed] == [r.manifest.name for r in reversed(made[1:])]
+
+        stub = server.stub()
+        page = stub.ListRepositoryBackups(
+            pb.ListRepositoryBackupsRequest(page_size=3), metadata=server.metadata()
+        )
+        assert len(page.backups) == 3 and page.next_page_token
+        rest = stub.ListRepositoryBackups(
+            pb.ListRepositoryBackupsRequest(page_size=3, page_token=page.next_page_token),
+            metadata=server.metadata(),
+        )
+        assert len(rest.backups) == 1 and not rest.next_page_token
+        for method, request in (
+            ("ListRepositoryBackups", pb.ListRepositoryBackupsRequest()),
+            ("CreateRepositoryBackup", pb.CreateRepositoryBackupRequest()),
+        ):
+            with pytest.raises(grpc.RpcError) as wrong:
+                getattr(stub, method)(request, metadata=server.metadata("wrong"))
+            assert error_reason(wrong.value)[:2] == (
+                grpc.StatusCode.UNAUTHENTICATED,
+                "UNAUTHENTICATED",
+            )
+            with pytest.raises(grpc.RpcError) as none:
+                getattr(bare.stub(), method)(request, metadata=bare.metadata())
+            assert error_reason(none.value)[:2] == (
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "NO_REPOSITORY",
+            )
+        with pytest.raises(grpc.RpcError) as bad_token:
+            stub.ListRepositoryBackups(
+                pb.ListRepositoryBackupsRequest(page_token="not-a-token"),
+                metadata=server.metadata(),
+            )
+        assert error_reason(bad_token.value)[0] == grpc.StatusCode.INVALID_ARGUMENT
+
+        now = run_cli("backup", "--now", env=server.client_env())
+        assert now.returncode == 0, now.stderr
+        assert f"saved by the server to {repository.url}/app-" in now.stdout
+        shown = run_cli("list", "--json", env=server.client_env())
+        assert shown.returncode == 0, shown.stderr
+        names = [b["name"] for b in json.loads(shown.stdout)]
+        assert names == [m.name for m in repository.open().backups()] and len(names) == 4
+    finally:
+        server.stop()
+        bare.stop()
