@@ -108,11 +108,13 @@ class PostgresEngine:
                 "SELECT current_setting('server_version'), pg_database_size(current_database())"
             ).fetchone()
         assert row is not None
+        version = str(row[0]).split()[0]
+        self._tools.select_for(version)
         return EngineInfo(
-            version=str(row[0]).split()[0],
+            version=version,
             database_name=self._target.dbname,
             size_bytes=int(row[1]),
-            tool_versions={**self._tools.versions, "psql (minimum)": MINIMUM_PSQL},
+            tool_versions={**self._tools.describe(), "psql (minimum)": MINIMUM_PSQL},
             warnings=self.role_warnings(),
         )
 
