@@ -201,6 +201,9 @@ class Keeper:
         now = datetime.now(UTC)
         period = schedule.period(now)
         newest = self._newest_backup()
+        if newest is not None:
+            # A restart is no missed backup: the alert on last success keeps its time.
+            self.metrics.last_success.set(newest.created_at.timestamp())
         if newest is not None and now - newest.created_at <= period:
             next_at = schedule.next_after(now)
             log.info(
