@@ -23,6 +23,7 @@ import pytest
 from conftest import PASSWORD
 from helpers import Server, add_filler, error_reason, run_cli, sqlite_content, start_server
 from s3server import S3Server
+from test_refused_config import refused
 from test_repository import Repo, cli, repo, s3  # noqa: F401 (fixtures reused)
 
 from safehold.client import Client
@@ -326,3 +327,27 @@ def test_repository_rpcs_from_the_python_client_and_the_cli(
     finally:
         server.stop()
         bare.stop()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--schedule", "0 3 * *"], "is neither a five-field cron expression"),
+        (["--schedule", "90x"], "is neither a five-field cron expression"),
+        (["--schedule", "1h", "--schedule-timezone", "Mars/Olympus"], "no known time zone"),
+        (["--notify-on", "sometimes"], "--notify-on takes success, failure"),
+        (["--notify-url", "file:///etc/passwd"], "--notify-url must be an http"),
+        (["--recipient", "age1bogus"], "not a valid age recipient"),
+    ],
+)
+def test_a_schedule_that_cannot_work_is_refused_at_start(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    line = refused(tmp_path, "--repository", str(tmp_path / "repo"), *args)
+    assert "cannot start: " in line and message in line
+
+
+def test_a_schedule_without_repository_or_with_a_bad_policy_is_refused(tmp_path: Path) -> None:
+    assert "--schedule needs --repository" in refused(tmp_path, "--schedule", "0 3 * * *")
+    env = {"SAFEHOLD_REPOSITORY": str(tmp_path / "repo"), "SAFEHOLD_KEEP_DAILY": "seven"}
+    assert "--keep-* take whole numbers" in refused(tmp_path, env=env)

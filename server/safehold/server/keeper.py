@@ -36,6 +36,7 @@ from safehold.formats import engine_label, file_suffix
 from safehold.repository import Artefact, Manifest, Policy, crypto, open_repository
 from safehold.repository.location import is_remote
 from safehold.server import notify
+from safehold.server.config import ConfigError
 from safehold.server.errors import InvalidRequest, SafeholdError, TooManyBackups
 from safehold.server.schedule import RepositorySettings, Schedule
 from safehold.streams import ChunksReader, as_binary
@@ -126,9 +127,12 @@ class Keeper:
         if not is_remote(settings.url):
             Path(settings.url).mkdir(parents=True, exist_ok=True, mode=0o700)
         # Keys are read at start: a bad one stops the server, not a night's backup.
-        self._recipients = crypto.load_recipients(
-            settings.recipients, [Path(f) for f in settings.recipients_files]
-        )
+        try:
+            self._recipients = crypto.load_recipients(
+                settings.recipients, [Path(f) for f in settings.recipients_files]
+            )
+        except ClientError as err:
+            raise ConfigError(f"--recipient/--recipients-file: {err}") from None
         self._servicer = servicer
         self.metrics = KeeperMetrics(registry)
         self._run_lock = threading.Lock()
