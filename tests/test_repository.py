@@ -440,3 +440,23 @@ def test_an_unreadable_manifest_is_named(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "app-1.sqlite.manifest.json is not a readable manifest" in result.stderr
     assert "BAD_MANIFEST" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_a_bad_identity_file_is_named_not_quoted(tmp_path: Path) -> None:
+    repo_dir = tmp_path / "repo"
+    repo_dir.mkdir()
+    recipient, _ = make_age_key(tmp_path)
+    write_at(
+        open_repository(str(repo_dir)),
+        b"SQLite format 3\x00",
+        "2026-01-01T10:00",
+        recipient=recipient,
+    )
+    broken = tmp_path / "broken.txt"
+    secret = "AGE-SECRET-KEY-1NOTAVALIDKEYBUTSECRETSTILL"
+    broken.write_text(secret + "\n")
+    result = run_cli(
+        "verify", str(repo_dir), "--all", "--deep", "-i", str(broken), env=dict(os.environ)
+    )
+    assert result.returncode == 1 and "BAD_KEY" in result.stderr
+    assert str(broken) in result.stderr and secret not in result.stderr

@@ -65,9 +65,12 @@ def load_identities(paths: Iterable[Path]) -> list[Identity]:
             lines = data.decode().splitlines()
             keys = [line.strip() for line in lines if line.strip().startswith("AGE-SECRET-KEY-")]
             identities += [x25519.Identity.from_str(k) for k in keys]
-        except (pyrage.IdentityError, UnicodeDecodeError) as err:
-            # The message names the file, never its content.
-            raise EncryptionKeyError(f"{path} is not a usable age or SSH identity: {err}") from None
+        except (pyrage.IdentityError, UnicodeDecodeError):
+            # Named by path only: a parser's message could quote the secret key.
+            raise EncryptionKeyError(
+                f"{path} is not a usable age identity or unencrypted SSH private key "
+                "(passphrase-protected SSH keys are not supported)"
+            ) from None
         if not keys:
             raise EncryptionKeyError(f"{path} holds no age identity (AGE-SECRET-KEY-...)")
     return identities
