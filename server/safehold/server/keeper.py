@@ -231,11 +231,12 @@ class Keeper:
     def _newest_backup(self) -> Manifest | None:
         try:
             database = self._servicer.database_name()
-            backups = self.repository.backups(database)
+            backups = self.repository.backups()
         except (SafeholdError, ClientError, OSError) as err:
-            log.warning("cannot tell the newest backup (%s): backing up soon", err)
+            log.warning("cannot tell the newest backup (%s): backing up soon", _describe(err))
             return None
-        return backups[0] if backups else None
+        self.metrics.backups.set(len(backups))
+        return next((m for m in backups if m.database_name == database), None)
 
     def _scheduled_run(self, deadline: datetime) -> None:
         """A run with retries until MAX_ATTEMPTS or shortly before the next slot; reported."""
