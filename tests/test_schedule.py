@@ -351,3 +351,25 @@ def test_a_schedule_without_repository_or_with_a_bad_policy_is_refused(tmp_path:
     assert "--schedule needs --repository" in refused(tmp_path, "--schedule", "0 3 * * *")
     env = {"SAFEHOLD_REPOSITORY": str(tmp_path / "repo"), "SAFEHOLD_KEEP_DAILY": "seven"}
     assert "--keep-* take whole numbers" in refused(tmp_path, env=env)
+
+
+def test_backup_now_into_an_unreachable_repository_says_so(
+    s3: S3Server,  # noqa: F811 (the fixture)
+    tmp_path: Path,
+    sqlite_db: Path,
+) -> None:
+    repository = Repo("s3://no-such-bucket/nightly", s3.env, s3, "no-such-bucket")
+    server = serve(tmp_path, sqlite_db, repository)
+    try:
+        with pytest.raises(grpc.RpcError) as failed:
+            server.stub().CreateRepositoryBackup(
+                pb.CreateRepositoryBackupRequest(), metadata=server.metadata()
+            )
+        code, reason, _ = error_reason(failed.value)
+        assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "REPOSITORY_FAILED")
+        assert "no-such-bucket" in (failed.value.details() or "")
+        now = run_cli("backup", "--now", env={**server.client_env(), **s3.env})
+    finally:
+        server.stop()
+    assert now.returncode == 1 and "REPOSITORY_FAILED" in now.stderr
+    assert s3.env["AWS_SECRET_ACCESS_KEY"] not in now.stderr + server.log()
