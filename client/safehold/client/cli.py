@@ -110,9 +110,9 @@ def _info(client: Client, args: argparse.Namespace) -> int:
     limit = str(info.max_upload_bytes) + " bytes" if info.max_upload_bytes else "none"
     print(f"upload limit:  {limit}")
     for warning in info.warnings:
-        print(f"warning:       {warning}")
-    print(f"pre-restore:   {info.pre_restore_directory}")
-    print(f"newest:        {info.newest_pre_restore_backup or 'none yet'}")
+        say(f"warning:       {warning}")
+    say(f"pre-restore:   {info.pre_restore_directory}")
+    say(f"newest:        {info.newest_pre_restore_backup or 'none yet'}")
     return 0
 
 
