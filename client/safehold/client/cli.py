@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from safehold.client.client import DEFAULT_TARGET, Client, TlsOptions, open_channel
+from safehold.client.credentials import no_password, password_from
 from safehold.client.errors import SafeholdError
 from safehold.client.progress import TerminalProgress
 from safehold.contract import DatabaseState
@@ -35,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         return _health(args)
     try:
         with Client(
-            args.target, _password(), tls=_tls(args), connect_timeout=args.connect_timeout
+            args.target,
+            _password(args.password_file),
+            tls=_tls(args),
+            connect_timeout=args.connect_timeout,
         ) as client:
             verb: Callable[[Client, argparse.Namespace], int] = args.run
             return verb(client, args)
@@ -65,6 +69,7 @@ def _backup(client: Client, args: argparse.Namespace) -> int:
 
 
 def _restore(client: Client, args: argparse.Namespace) -> int:
+    client.check_backup_file(args.file)
     if not args.yes and not _confirm(client, args.file):
         print("safehold: restore cancelled; the database is unchanged", file=sys.stderr)
         return EXIT_FAILED
@@ -99,6 +104,9 @@ def _info(client: Client, args: argparse.Namespace) -> int:
         return 0
     print(f"engine:        {info.engine} {info.engine_version}")
     print(f"database:      {info.database_name} ({info.database_size_bytes} bytes)")
+    print(f"location:      {info.database_location}")
+    for blocker in info.restore_blockers:
+        print(f"restore:       BLOCKED: {blocker}")
     for tool, tool_version in sorted(info.tool_versions.items()):
         print(f"{tool + ':':<14} {tool_version}")
     print(f"safehold:      {info.safehold_version}")
@@ -133,10 +141,14 @@ def _confirm(client: Client, file: Path) -> bool:
             "when not on a terminal; the database is unchanged"
         )
     info = client.server_info()
-    answer = input(
-        f"Replace the whole {info.engine} database {info.database_name!r} on "
-        f"{client.target} with {file}? [y/N] "
-    )
+    try:
+        answer = input(
+            f"Replace the whole {info.engine} database {info.database_name!r} on "
+            f"{client.target} with {file}? [y/N] "
+        )
+    except EOFError:  # Ctrl-D, or the input ended: no is the only safe answer
+        print(file=sys.stderr)
+        return False
     return answer.strip().lower() in ("y", "yes")
 
 
@@ -154,13 +166,18 @@ def _explain(err: SafeholdError) -> str:
     return f"{text} [{err.reason}]{request}"
 
 
-def _password() -> str:
-    password = os.environ.get("SAFEHOLD_PASSWORD")
+def _password(file: Path | None) -> str:
+    """From --password-file, the environment, or a prompt, but only on a terminal:
+    a cron job must fail at once, the same way every night."""
+    password = password_from(file)
     if password:
         return password
     if sys.stdin.isatty():
-        return getpass.getpass("database password: ")
-    raise ValueError("no password: set SAFEHOLD_PASSWORD (it is never taken as a flag)")
+        try:
+            return getpass.getpass("database password: ")
+        except EOFError:
+            print(file=sys.stderr)
+    raise no_password(" (it is never taken as a flag, and there is no terminal to ask on)")
 
 
 def _tls(args: argparse.Namespace) -> TlsOptions | None:
@@ -203,6 +220,12 @@ def _parser() -> argparse.ArgumentParser:
     client_options.add_argument("--tls-ca", type=Path, help="CA that signed the server's cert")
     client_options.add_argument("--tls-cert", type=Path, help="client certificate")
     client_options.add_argument("--tls-key", type=Path, help="client certificate's key")
+    client_options.add_argument(
+        "--password-file",
+        type=Path,
+        help="file holding the database password (else $SAFEHOLD_PASSWORD, "
+        "$SAFEHOLD_PASSWORD_FILE, or a prompt on a terminal)",
+    )
 
     backup = verbs.add_parser(
         "backup", parents=[client_options], allow_abbrev=False, help="save a backup"

@@ -28,15 +28,18 @@ import grpc
 import tenacity
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from safehold.client.credentials import check_tls, no_password, password_from
 from safehold.client.errors import (
+    BadLocalFile,
     ConnectionFailed,
     EngineMismatch,
     IncompleteBackup,
+    InsufficientPrivilege,
     InvalidBackup,
     SafeholdError,
     from_rpc_error,
 )
-from safehold.contract import PASSWORD_METADATA_KEY, SERVICE_NAME, DatabaseState
+from safehold.contract import PASSWORD_METADATA_KEY, SERVICE_NAME, DatabaseState, Reason
 from safehold.files import atomic_path
 from safehold.formats import engine_label, engine_of, sniff_file
 from safehold.v1 import backup_service_pb2 as pb
@@ -76,6 +79,10 @@ class ServerInfo:
     safehold_version: str
     tool_versions: dict[str, str]
     max_upload_bytes: int
+    database_location: str = ""
+    """Exactly which database: `postgresql user@host:port/name` or `sqlite /path`."""
+    restore_blockers: list[str] = field(default_factory=list)
+    """What would stop a restore before it starts; empty when one can go ahead."""
 
 
 @dataclass(frozen=True)
@@ -119,9 +126,9 @@ class Client:
         attempts: int = 4,
     ) -> None:
         self.target = target or os.environ.get("SAFEHOLD_TARGET") or DEFAULT_TARGET
-        password = password if password is not None else os.environ.get("SAFEHOLD_PASSWORD")
+        password = password if password is not None else password_from(None)
         if not password:
-            raise ValueError("no password: pass password= or set SAFEHOLD_PASSWORD")
+            raise no_password(" (or pass password=)")
         self._metadata = ((PASSWORD_METADATA_KEY, password),)
         self._connect_timeout = connect_timeout
         self._attempts = attempts
@@ -161,6 +168,8 @@ class Client:
                 safehold_version=reply.safehold_version,
                 tool_versions=dict(reply.tool_versions),
                 max_upload_bytes=reply.max_upload_bytes,
+                database_location=reply.database_location,
+                restore_blockers=list(reply.restore_blockers),
             )
 
         return self._retrying(call)
@@ -193,21 +202,7 @@ class Client:
         another engine than the server's.
         """
         src = Path(src)
-        with open(src, "rb") as f:
-            engine = engine_of(sniff_file(f))
-        if engine == pb.ENGINE_UNSPECIFIED:
-            raise InvalidBackup(
-                f"{src} is not a backup (neither a SQLite file nor a pg_dump archive or script); "
-                "nothing was sent",
-                database_state=DatabaseState.UNCHANGED,
-            )
-        info = self.server_info()
-        if info.engine != engine_label(engine):
-            raise EngineMismatch(
-                f"{src} is a {engine_label(engine)} backup but the server's database is "
-                f"{info.engine}; nothing was sent",
-                database_state=DatabaseState.UNCHANGED,
-            )
+        engine = self.check_backup_file(src)
         header = pb.RestoreHeader(
             engine=engine,
             expected_size_bytes=src.stat().st_size,
@@ -215,6 +210,37 @@ class Client:
             terminate_blocking_sessions=terminate_blocking_sessions,
         )
         return self._retrying(lambda: self._restore_once(src, header, on_progress, on_notice))
+
+    def check_backup_file(self, src: Path) -> pb.Engine.ValueType:
+        """Refuse, before a byte is sent, a file that is missing, is no backup, is for
+        another engine than the server's, or that the server could not restore."""
+        try:
+            with open(src, "rb") as f:
+                engine = engine_of(sniff_file(f))
+        except OSError as exc:
+            raise BadLocalFile(f"cannot read {src}: {exc.strerror}; nothing was sent") from None
+        if engine == pb.ENGINE_UNSPECIFIED:
+            raise InvalidBackup(
+                f"{src} is not a backup (neither a SQLite file nor a pg_dump archive or script); "
+                "nothing was sent",
+                reason=Reason.NOT_A_BACKUP,
+                database_state=DatabaseState.UNCHANGED,
+            )
+        info = self.server_info()
+        if info.engine != engine_label(engine):
+            raise EngineMismatch(
+                f"{src} is a {engine_label(engine)} backup but the server's database is "
+                f"{info.engine}; nothing was sent",
+                reason=Reason.ENGINE_MISMATCH,
+                database_state=DatabaseState.UNCHANGED,
+            )
+        if info.restore_blockers:
+            raise InsufficientPrivilege(
+                "; ".join(info.restore_blockers) + "; nothing was sent",
+                reason=Reason.INSUFFICIENT_PRIVILEGE,
+                database_state=DatabaseState.UNCHANGED,
+            )
+        return engine
 
     def _backup_once(
         self, dest: Path, request: pb.BackupRequest, on_progress: ProgressCallback | None
@@ -416,6 +442,7 @@ def open_channel(target: str, tls: TlsOptions | None) -> grpc.Channel:
     ]
     if tls is None:
         return grpc.insecure_channel(target, options=options)
+    check_tls(tls.ca, tls.cert, tls.key)
     credentials = grpc.ssl_channel_credentials(
         root_certificates=tls.ca.read_bytes() if tls.ca else None,
         private_key=tls.key.read_bytes() if tls.key else None,

@@ -527,6 +527,8 @@ class GetServerInfoResponse(_message.Message):
     SAFEHOLD_VERSION_FIELD_NUMBER: _builtins.int
     TOOL_VERSIONS_FIELD_NUMBER: _builtins.int
     MAX_UPLOAD_BYTES_FIELD_NUMBER: _builtins.int
+    DATABASE_LOCATION_FIELD_NUMBER: _builtins.int
+    RESTORE_BLOCKERS_FIELD_NUMBER: _builtins.int
     engine: Global___Engine.ValueType
     """Engine of the database."""
     engine_version: _builtins.str
@@ -539,9 +541,19 @@ class GetServerInfoResponse(_message.Message):
     """Version of the safehold server."""
     max_upload_bytes: _builtins.int
     """Largest upload the server accepts; 0 means no limit."""
+    database_location: _builtins.str
+    """Where the database is, exactly: `postgresql user@host:port/name` or
+    `sqlite /path/to/file`, so an operator sees which database a backup is of.
+    """
     @_builtins.property
     def tool_versions(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Versions of the tools the server runs, e.g. pg_dump and pg_restore."""
+
+    @_builtins.property
+    def restore_blockers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What stops a restore on this server before it starts, e.g. a PostgreSQL
+        schema the role does not own; empty when a restore can go ahead.
+        """
 
     def __init__(
         self,
@@ -553,10 +565,12 @@ class GetServerInfoResponse(_message.Message):
         safehold_version: _builtins.str = ...,
         tool_versions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         max_upload_bytes: _builtins.int = ...,
+        database_location: _builtins.str = ...,
+        restore_blockers: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["database_name", b"database_name", "database_size_bytes", b"database_size_bytes", "engine", b"engine", "engine_version", b"engine_version", "max_upload_bytes", b"max_upload_bytes", "safehold_version", b"safehold_version", "tool_versions", b"tool_versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database_location", b"database_location", "database_name", b"database_name", "database_size_bytes", b"database_size_bytes", "engine", b"engine", "engine_version", b"engine_version", "max_upload_bytes", b"max_upload_bytes", "restore_blockers", b"restore_blockers", "safehold_version", b"safehold_version", "tool_versions", b"tool_versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from safehold import tlsfiles
 from safehold.contract import SERVICE_NAME
 from safehold.files import remove_partials
 from safehold.server import config as config_module
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         "safehold listening on %s (port %d), database %s",
         config.listen,
         port,
-        _describe_target(config),
+        config.target.describe(),
     )
     stop.wait()
     grace = config.shutdown_grace_seconds
@@ -117,6 +118,11 @@ def build(config: Config) -> tuple[grpc.Server, BackupServicer, health.HealthSer
 def _bind(server: grpc.Server, config: Config) -> int:
     credentials = None
     if config.tls:
+        try:
+            tlsfiles.check_pair(config.tls.cert, config.tls.key, "server")
+            tlsfiles.check_ca(config.tls.client_ca, "client CA")
+        except tlsfiles.TlsFileError as exc:
+            raise config_module.ConfigError(str(exc)) from None
         client_ca = config.tls.client_ca.read_bytes() if config.tls.client_ca else None
         credentials = grpc.ssl_server_credentials(
             [(config.tls.key.read_bytes(), config.tls.cert.read_bytes())],
@@ -154,10 +160,3 @@ def _ensure_sqlite_file(path: Path, data_dir: Path) -> None:
     log.info("creating the embedded SQLite database %s", path)
     sqlite3.connect(path).close()
     path.chmod(0o600)
-
-
-def _describe_target(config: Config) -> str:
-    target = config.target
-    if isinstance(target, SqliteTarget):
-        return f"sqlite {target.path}"
-    return f"postgresql {target.user}@{target.host}:{target.port}/{target.dbname}"

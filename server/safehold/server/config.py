@@ -2,7 +2,9 @@
 
 A flag wins over its SAFEHOLD_* variable, which wins over GameVault's DB_*
 variables, which win over the embedded default (a SQLite file in the data
-dir). The password is never a flag: it would show in `ps`.
+dir). With a database URL given, no DB_* value is used at all; with any DB_*
+variable set, the embedded default never is. The password is never a flag:
+it would show in `ps`.
 """
 
 from __future__ import annotations
@@ -38,12 +40,20 @@ class PostgresTarget:
     user: str
     dbname: str
 
+    def describe(self) -> str:
+        """Engine, role, host:port/name: exactly where the backups come from."""
+        return f"postgresql {self.user}@{self.host}:{self.port}/{self.dbname}"
+
 
 @dataclass(frozen=True)
 class SqliteTarget:
     """Path of the live SQLite database file."""
 
     path: Path
+
+    def describe(self) -> str:
+        """Engine and file: exactly where the backups come from."""
+        return f"sqlite {self.path}"
 
 
 @dataclass(frozen=True)
@@ -164,10 +174,14 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         return environ.get(f"SAFEHOLD_{name}") or None
 
     data_dir = Path(pick(args.data_dir, "DATA_DIR") or _default_data_dir(environ))
-    url = pick(args.database_url, "DATABASE_URL") or _gamevault_url(environ)
+    url = pick(args.database_url, "DATABASE_URL")
+    gamevault_url = None if url else _gamevault_url(environ)
+    url = url or gamevault_url
     target, url_password = (
         parse_database_url(url) if url else (SqliteTarget(data_dir / EMBEDDED_SQLITE_NAME), None)
     )
+    if gamevault_url and isinstance(target, PostgresTarget):
+        url_password = environ.get("DB_PASSWORD") or GAMEVAULT_DEFAULTS["DB_PASSWORD"]
     password = _password(args, environ, url_password, target, data_dir)
     cert, key = pick(args.tls_cert, "TLS_CERT"), pick(args.tls_key, "TLS_KEY")
     client_ca = pick(args.tls_client_ca, "TLS_CLIENT_CA")
@@ -240,19 +254,45 @@ def parse_database_url(url: str) -> tuple[PostgresTarget | SqliteTarget, str | N
     )
 
 
+GAMEVAULT_DEFAULTS = {
+    "DB_SYSTEM": "POSTGRESQL",
+    "DB_HOST": "localhost",
+    "DB_PORT": "5432",
+    "DB_USERNAME": "default",
+    "DB_PASSWORD": "default",
+    "DB_DATABASE": "gamevault",
+    "VOLUMES_SQLITEDB": "/db",
+}
+"""GameVault's own defaults for its database variables, as its configuration docs list them."""
+
+_GAMEVAULT_TRIGGERS = (
+    "DB_SYSTEM",
+    "DB_HOST",
+    "DB_PORT",
+    "DB_USERNAME",
+    "DB_PASSWORD",
+    "DB_DATABASE",
+)
+
+
 def _gamevault_url(environ: Mapping[str, str]) -> str | None:
-    """A database URL from GameVault's DB_* variables, so safehold can share its env."""
-    system = environ.get("DB_SYSTEM", "").upper()
+    """A database URL from GameVault's DB_* variables, read the way GameVault reads
+    them: any of them set means GameVault's configuration, and what is unset takes
+    GameVault's default (DB_SYSTEM unset is POSTGRESQL), never safehold's own file."""
+    if not any(name in environ for name in _GAMEVAULT_TRIGGERS):
+        return None
+
+    def value(name: str) -> str:
+        return environ.get(name) or GAMEVAULT_DEFAULTS[name]
+
+    system = value("DB_SYSTEM").upper()
     if system == "SQLITE":
-        volume = environ.get("VOLUMES_SQLITEDB", "/db")
-        return f"sqlite:///{Path(volume) / 'database.sqlite'}"
+        return f"sqlite:///{Path(value('VOLUMES_SQLITEDB')) / 'database.sqlite'}"
     if system in ("POSTGRESQL", "POSTGRES"):
-        user = quote(environ.get("DB_USERNAME", "default"), safe="")
-        host = environ.get("DB_HOST", "localhost")
-        port = environ.get("DB_PORT", "5432")
-        db = quote(environ.get("DB_DATABASE", "gamevault"), safe="")
-        return f"postgresql://{user}@{host}:{port}/{db}"
-    return None
+        user = quote(value("DB_USERNAME"), safe="")
+        db = quote(value("DB_DATABASE"), safe="")
+        return f"postgresql://{user}@{value('DB_HOST')}:{value('DB_PORT')}/{db}"
+    raise ConfigError(f"DB_SYSTEM must be POSTGRESQL or SQLITE, not {system!r}")
 
 
 def _password(
@@ -269,7 +309,7 @@ def _password(
             return Path(file).read_text(encoding="utf-8").rstrip("\r\n")
         except OSError as exc:
             raise ConfigError(f"cannot read password file {file}: {exc.strerror}") from None
-    for value in (environ.get("SAFEHOLD_PASSWORD"), url_password, environ.get("DB_PASSWORD")):
+    for value in (environ.get("SAFEHOLD_PASSWORD"), url_password):
         if value:
             return value
     if isinstance(target, PostgresTarget):

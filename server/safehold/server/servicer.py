@@ -142,6 +142,8 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
             safehold_version=SAFEHOLD_VERSION,
             tool_versions=info.tool_versions,
             max_upload_bytes=self._config.max_upload_bytes,
+            database_location=self._config.target.describe(),
+            restore_blockers=info.restore_blockers,
         )
 
     @_serves("backup")

@@ -38,6 +38,8 @@ class EngineInfo:
     database_name: str
     size_bytes: int
     tool_versions: dict[str, str] = field(default_factory=dict)
+    restore_blockers: list[str] = field(default_factory=list)
+    """What would stop a restore before it starts (e.g. a schema the role does not own)."""
 
 
 @dataclass(frozen=True)

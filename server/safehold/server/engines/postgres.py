@@ -38,12 +38,14 @@ from safehold.server.engines import (
     read_chunks,
 )
 from safehold.server.engines.pg_archive import DumpHeader, major_of, read_header
+from safehold.server.engines.pg_privileges import restore_blockers
 from safehold.server.engines.processes import Child, child
 from safehold.server.errors import (
     BackupFailed,
     DatabaseBusy,
     DatabaseUnavailable,
     EngineMismatch,
+    InsufficientPrivilege,
     NotABackup,
     RestoreFailed,
     VersionMismatch,
@@ -116,12 +118,14 @@ class PostgresEngine:
             row = db.execute(
                 "SELECT current_setting('server_version'), pg_database_size(current_database())"
             ).fetchone()
+            blockers = restore_blockers(db)
         assert row is not None
         return EngineInfo(
             version=str(row[0]).split()[0],
             database_name=self._target.dbname,
             size_bytes=int(row[1]),
             tool_versions=dict(self._tool_versions),
+            restore_blockers=blockers,
         )
 
     @contextlib.contextmanager
@@ -142,6 +146,10 @@ class PostgresEngine:
 
     def inspect(self, path: Path, options: RestoreOptions) -> list[Notice]:
         header = self._read_header(path)
+        with self._connect() as db:
+            blockers = restore_blockers(db)
+        if blockers:
+            raise InsufficientPrivilege("; ".join(blockers))
         if header.dump_format == pb.DUMP_FORMAT_PG_PLAIN:
             _check_plain_script(path)
         else:
