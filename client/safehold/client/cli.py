@@ -11,12 +11,13 @@ import getpass
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
 from safehold.client.client import DEFAULT_TARGET, Client, TlsOptions, open_channel
 from safehold.client.credentials import no_password, password_from
+from safehold.client.diagnose import explain
 from safehold.client.errors import SafeholdError
 from safehold.client.progress import TerminalProgress
 from safehold.contract import DatabaseState
@@ -116,22 +117,43 @@ def _info(client: Client, args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    """Exit 0 when the server answers SERVING; needs no password (for HEALTHCHECK)."""
+    """Exit 0 when the server answers SERVING; needs no password (for HEALTHCHECK).
+
+    Run inside the server's container it finds TLS where the server does: with
+    no client TLS setting, a server configured by SAFEHOLD_TLS_CERT is checked
+    over TLS, trusting that certificate file (or SAFEHOLD_TLS_CA)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     target = args.target or os.environ.get("SAFEHOLD_TARGET") or DEFAULT_TARGET
-    with open_channel(target, _tls(args)) as channel:
-        try:
+    tls = _tls(args) or _server_tls(os.environ)
+    try:
+        with open_channel(target, tls) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=args.connect_timeout
+                health_pb2.HealthCheckRequest(service=args.service),
+                timeout=args.connect_timeout,
+                wait_for_ready=True,
             )
-        except grpc.RpcError as err:
-            print(f"safehold: {target} is not healthy: {err.code().name}", file=sys.stderr)
-            return EXIT_FAILED
+    except grpc.RpcError as err:
+        why = explain(target, tls)
+        detail = f" within {args.connect_timeout:g}s" + (f": {why}" if why else "")
+        print(f"safehold: {target} is not healthy: {err.code().name}{detail}", file=sys.stderr)
+        return EXIT_FAILED
+    except SafeholdError as err:
+        print(f"safehold: health failed: {_explain(err)}", file=sys.stderr)
+        return EXIT_FAILED
     serving = reply.status == health_pb2.HealthCheckResponse.SERVING
-    print(f"{target}: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{target}{' ' + args.service if args.service else ''}: {status}")
     return 0 if serving else EXIT_FAILED
+
+
+def _server_tls(environ: Mapping[str, str]) -> TlsOptions | None:
+    """TLS as the server in this environment serves it: trust its own certificate."""
+    cert = environ.get("SAFEHOLD_TLS_CERT")
+    if not cert:
+        return None
+    return TlsOptions(ca=Path(environ.get("SAFEHOLD_TLS_CA") or cert))
 
 
 def _confirm(client: Client, file: Path) -> bool:
@@ -181,9 +203,19 @@ def _password(file: Path | None) -> str:
 
 
 def _tls(args: argparse.Namespace) -> TlsOptions | None:
-    if not (args.tls or args.tls_ca or args.tls_cert):
+    """The client's TLS from its flags, each falling back to its environment variable."""
+    env = os.environ
+
+    def path(flag: Path | None, name: str) -> Path | None:
+        return flag or (Path(env[name]) if env.get(name) else None)
+
+    ca = path(args.tls_ca, "SAFEHOLD_TLS_CA")
+    cert = path(args.tls_cert, "SAFEHOLD_TLS_CLIENT_CERT")
+    key = path(args.tls_key, "SAFEHOLD_TLS_CLIENT_KEY")
+    wanted = args.tls or env.get("SAFEHOLD_TLS", "").lower() in ("1", "true", "yes")
+    if not (wanted or ca or cert or key):
         return None
-    return TlsOptions(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
+    return TlsOptions(ca=ca, cert=cert, key=key)
 
 
 def _progress_display() -> TerminalProgress | None:
@@ -215,11 +247,19 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds to wait for the server, default 10",
     )
     client_options.add_argument(
-        "--tls", action="store_true", help="use TLS, trusting the system's CAs"
+        "--tls",
+        action="store_true",
+        help="use TLS, trusting the system's CAs (env SAFEHOLD_TLS=1)",
     )
-    client_options.add_argument("--tls-ca", type=Path, help="CA that signed the server's cert")
-    client_options.add_argument("--tls-cert", type=Path, help="client certificate")
-    client_options.add_argument("--tls-key", type=Path, help="client certificate's key")
+    client_options.add_argument(
+        "--tls-ca", type=Path, help="CA that signed the server's cert (env SAFEHOLD_TLS_CA)"
+    )
+    client_options.add_argument(
+        "--tls-cert", type=Path, help="client certificate (env SAFEHOLD_TLS_CLIENT_CERT)"
+    )
+    client_options.add_argument(
+        "--tls-key", type=Path, help="client certificate's key (env SAFEHOLD_TLS_CLIENT_KEY)"
+    )
     client_options.add_argument(
         "--password-file",
         type=Path,
@@ -273,10 +313,16 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.set_defaults(run=_info)
 
-    verbs.add_parser(
+    health = verbs.add_parser(
         "health",
         parents=[client_options],
         allow_abbrev=False,
         help="check that the server is serving (needs no password)",
+    )
+    health.add_argument(
+        "--service",
+        default="",
+        help="ask about one service, e.g. safehold.v1.BackupService (NOT_SERVING while "
+        "its database cannot be reached); default: the whole server",
     )
     return parser

@@ -29,6 +29,7 @@ import tenacity
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from safehold.client.credentials import check_tls, no_password, password_from
+from safehold.client.diagnose import explain
 from safehold.client.errors import (
     BadLocalFile,
     ConnectionFailed,
@@ -132,6 +133,7 @@ class Client:
         self._metadata = ((PASSWORD_METADATA_KEY, password),)
         self._connect_timeout = connect_timeout
         self._attempts = attempts
+        self._tls = tls
         self._channel = open_channel(self.target, tls)
         self._stub = pb_grpc.BackupServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -376,18 +378,27 @@ class Client:
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise from_rpc_error(err) from None
-            raise ConnectionFailed(
-                f"cannot reach the safehold server at {self.target} within "
-                f"{self._connect_timeout:g}s: check the address and that it is running",
-                reason="UNAVAILABLE",
-                code=grpc.StatusCode.UNAVAILABLE,
-            ) from None
+            raise self.unreachable() from None
         if reply.status != health_pb2.HealthCheckResponse.SERVING:
             raise ConnectionFailed(
                 f"the safehold server at {self.target} is not serving (shutting down?)",
                 reason="UNAVAILABLE",
                 code=grpc.StatusCode.UNAVAILABLE,
             )
+
+    def unreachable(self) -> ConnectionFailed:
+        """The error for a server not reached within connect_timeout, saying why when a
+        probe can tell (nothing listening, TLS on one side only, no client certificate).
+        Not retried: the time it names is the time it took."""
+        why = explain(self.target, self._tls)
+        error = ConnectionFailed(
+            f"cannot reach the safehold server at {self.target} within "
+            f"{self._connect_timeout:g}s: " + (why or "check the address and that it is running"),
+            reason="UNAVAILABLE",
+            code=grpc.StatusCode.UNAVAILABLE,
+        )
+        error.retryable = False
+        return error
 
     @staticmethod
     def _call(fn: Callable[[], T]) -> T:
