@@ -12,6 +12,7 @@ import logging
 import signal
 import sqlite3
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from safehold.server import logs
 from safehold.server.auth import PasswordInterceptor
 from safehold.server.config import Config, SqliteTarget
 from safehold.server.engines import open_engine
+from safehold.server.health_watch import DatabaseHealth
 from safehold.server.metrics import Metrics
 from safehold.server.servicer import BackupServicer
 from safehold.server.spool import check_writable, remove_leftovers
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         config = config_module.load(args)
         logs.configure(json_lines=config.log_json)
         _prepare(config)
-        server, servicer, health_servicer, port = build(config)
+        server, servicer, database_health, port = build(config)
         for path in remove_partials(servicer.pre_restore_path):
             log.info("removed a partial pre-restore backup from an earlier run: %s", path)
     except (config_module.ConfigError, OSError) as exc:
@@ -68,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     server.start()
+    database_health.start()
     log.info(
         "safehold listening on %s (port %d), database %s",
         config.listen,
@@ -77,23 +80,28 @@ def run(args: argparse.Namespace) -> int:
     stop.wait()
     grace = config.shutdown_grace_seconds
     log.info("stopping: refusing new calls, %gs grace for running ones", grace)
-    health_servicer.enter_graceful_shutdown()
+    # Health answers NOT_SERVING while running calls drain, rather than the
+    # connection being refused: a load balancer sees the server leaving.
+    database_health.enter_graceful_shutdown()
     servicer.begin_shutdown()
-    server.stop(grace).wait()
+    started = time.monotonic()
+    servicer.wait_idle(grace)
+    server.stop(max(0.0, grace - (time.monotonic() - started))).wait()
     log.info("stopped")
     return 0
 
 
-def build(config: Config) -> tuple[grpc.Server, BackupServicer, health.HealthServicer, int]:
-    """A bound, not yet started server with the service, health and reflection."""
+def build(config: Config) -> tuple[grpc.Server, BackupServicer, DatabaseHealth, int]:
+    """A bound, not yet started server with the service, health and reflection,
+    and the probe that keeps BackupService's health true to its database."""
     engine = open_engine(config)
+    metrics = Metrics()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="safehold"),
-        interceptors=[PasswordInterceptor(config.password)],
+        interceptors=[PasswordInterceptor(config.password, metrics.refused)],
         maximum_concurrent_rpcs=MAX_WORKERS,
         options=KEEPALIVE_OPTIONS,
     )
-    metrics = Metrics()
     if config.metrics_listen:
         metrics_port = metrics.serve(config.metrics_listen)
         log.info("metrics on %s (port %d)", config.metrics_listen, metrics_port)
@@ -112,7 +120,8 @@ def build(config: Config) -> tuple[grpc.Server, BackupServicer, health.HealthSer
         server,
     )
     port = _bind(server, config)
-    return server, servicer, health_servicer, port
+    probe = DatabaseHealth(engine.check, health_servicer, config.health_interval_seconds)
+    return server, servicer, probe, port
 
 
 def _bind(server: grpc.Server, config: Config) -> int:

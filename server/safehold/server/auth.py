@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from safehold.contract import PASSWORD_METADATA_KEY, SERVICE_NAME
+from safehold.contract import PASSWORD_METADATA_KEY, SERVICE_NAME, Reason
 from safehold.server.errors import Unauthenticated
 
 log = logging.getLogger(__name__)
@@ -36,9 +36,10 @@ Continuation = Callable[[grpc.HandlerCallDetails], "Handler | None"]
 class PasswordInterceptor(Interceptor):
     """Refuses BackupService calls whose x-database-password is missing or wrong."""
 
-    def __init__(self, password: str) -> None:
+    def __init__(self, password: str, on_refusal: Callable[[str], None] | None = None) -> None:
         self._expected = password.encode("utf-8")
         self._throttle = FailureThrottle()
+        self._on_refusal = on_refusal
 
     def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -49,8 +50,9 @@ class PasswordInterceptor(Interceptor):
             return handler
         if self._accepts(handler_call_details.invocation_metadata):
             return handler
-        log.warning("refused %s: missing or wrong %s", method, PASSWORD_METADATA_KEY)
-        return _refusal(handler, self._throttle)
+        if self._on_refusal:
+            self._on_refusal(Reason.UNAUTHENTICATED)
+        return _refusal(handler, self._throttle, method)
 
     def _accepts(self, metadata: Any) -> bool:
         presented = b""
@@ -100,14 +102,23 @@ class FailureThrottle:
             self._sleepers.release()
 
 
-def _refusal(handler: Handler, throttle: FailureThrottle) -> Handler:
-    """A handler of the same shape as `handler` that ends the call UNAUTHENTICATED."""
+def _refusal(handler: Handler, throttle: FailureThrottle, method: str) -> Handler:
+    """A handler of the same shape as `handler` that ends the call UNAUTHENTICATED,
+    logged with the caller's address (known only here, not to the interceptor)."""
     status = Unauthenticated(
         f"missing or wrong password: send it in the {PASSWORD_METADATA_KEY} metadata"
     ).to_status()
 
     def refuse(_request: object, context: grpc.ServicerContext) -> None:
-        throttle.failed(context.peer())
+        peer = context.peer()
+        log.warning(
+            "refused %s from %s: missing or wrong %s",
+            method,
+            peer,
+            PASSWORD_METADATA_KEY,
+            extra={"reason": Reason.UNAUTHENTICATED.value, "peer": peer},
+        )
+        throttle.failed(peer)
         context.abort_with_status(status)
 
     if handler.request_streaming and handler.response_streaming:

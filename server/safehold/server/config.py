@@ -83,6 +83,8 @@ class Config:
     max_concurrent_backups: int
     log_json: bool
     metrics_listen: str | None
+    health_interval_seconds: float = 10.0
+    """How often BackupService's health probes the database."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -158,6 +160,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         + env % "SAFEHOLD_METRICS_LISTEN",
     )
     parser.add_argument(
+        "--health-interval",
+        type=float,
+        help="seconds between probes of the database for BackupService's health, "
+        "default 10 " + env % "SAFEHOLD_HEALTH_INTERVAL",
+    )
+    parser.add_argument(
         "--log-json",
         action="store_true",
         default=None,
@@ -224,6 +232,7 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         ),
         log_json=(pick(args.log_json, "LOG_JSON") or "").lower() in ("1", "true", "yes"),
         metrics_listen=pick(args.metrics_listen, "METRICS_LISTEN"),
+        health_interval_seconds=_health_interval(pick(args.health_interval, "HEALTH_INTERVAL")),
     )
 
 
@@ -334,6 +343,14 @@ def _generated_password(data_dir: Path) -> str:
 def _default_data_dir(environ: Mapping[str, str]) -> Path:
     base = environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "safehold"
+
+
+def _health_interval(text: str | None) -> float:
+    """At least a tenth of a second: a zero would probe the database in a busy loop."""
+    value = _non_negative(text or "10", "health interval", float)
+    if value < 0.1:
+        raise ConfigError("health interval must be at least 0.1 seconds")
+    return value
 
 
 def _non_negative(text: str, what: str, kind: Callable[[str], N]) -> N:

@@ -63,6 +63,11 @@ class Engine(Protocol):
         """Describe the engine and the database."""
         ...
 
+    def check(self) -> None:
+        """Reach the database cheaply, as the configured role; raise DatabaseUnavailable
+        when it cannot be reached or authenticated. Health probes call it."""
+        ...
+
     def backup(self, compression_level: int | None) -> AbstractContextManager[Iterator[bytes]]:
         """A consistent snapshot as chunks. Entering may raise before any byte exists
         (e.g. a version check); iteration raises BackupFailed instead of ending when

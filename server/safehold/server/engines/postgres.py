@@ -128,6 +128,10 @@ class PostgresEngine:
             restore_blockers=blockers,
         )
 
+    def check(self) -> None:
+        with self._connect() as db:
+            db.execute("SELECT 1")
+
     @contextlib.contextmanager
     def backup(self, compression_level: int | None) -> Iterator[Iterator[bytes]]:
         self._check_pg_dump()
