@@ -40,7 +40,7 @@ from safehold.client.errors import (
     SafeholdError,
     from_rpc_error,
 )
-from safehold.contract import PASSWORD_METADATA_KEY, SERVICE_NAME, DatabaseState, Reason
+from safehold.contract import PASSWORD_METADATA_KEY, DatabaseState, Reason
 from safehold.files import atomic_path
 from safehold.formats import engine_label, engine_of, sniff_file
 from safehold.v1 import backup_service_pb2 as pb
@@ -368,10 +368,12 @@ class Client:
 
     def _wait_until_connected(self) -> None:
         """Ask the health service, waiting up to connect_timeout for the server,
-        so that an unreachable server is an error, not a hang."""
+        so that an unreachable server is an error, not a hang. The server's own
+        status, not BackupService's: a database that is down is for the call to
+        report (DATABASE_UNAVAILABLE, with the server's reason), not a lost server."""
         try:
             reply = self._health.Check(
-                health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                health_pb2.HealthCheckRequest(),
                 timeout=self._connect_timeout,
                 wait_for_ready=True,
             )
