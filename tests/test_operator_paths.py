@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import PgDatabase
-from helpers import SAFEHOLD, Server, run_cli, sqlite_content, start_server
+from helpers import SAFEHOLD, Server, run_cli, sqlite_content
 from pg import Cluster
 
 from safehold.server import config
@@ -23,17 +23,6 @@ def _load(env: dict[str, str]) -> config.Config:
     parser = argparse.ArgumentParser()
     config.add_arguments(parser)
     return config.load(parser.parse_args([]), env)
-
-
-def _gamevault_env(pg_db: PgDatabase) -> dict[str, str]:
-    """What a GameVault compose file gives: DB_* and no DB_SYSTEM (it defaults to POSTGRESQL)."""
-    return {
-        "DB_HOST": "127.0.0.1",
-        "DB_PORT": str(pg_db.cluster.port),
-        "DB_USERNAME": pg_db.role,
-        "DB_PASSWORD": pg_db.password,
-        "DB_DATABASE": pg_db.name,
-    }
 
 
 def test_gamevault_defaults_are_gamevaults(tmp_path: Path) -> None:
@@ -60,35 +49,6 @@ def test_a_database_url_uses_no_db_value(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no database password"):
         _load(env)
     assert _load({**env, "SAFEHOLD_PASSWORD": "own"}).password == "own"
-
-
-def test_gamevault_compose_environment_backs_up_the_right_database(
-    pg_db: PgDatabase, tmp_path: Path
-) -> None:
-    pg_db.execute("CREATE TABLE games (title text); INSERT INTO games VALUES ('Celeste');")
-    server = start_server(
-        tmp_path, "", pg_db.password, env={"SAFEHOLD_PASSWORD": "", **_gamevault_env(pg_db)}
-    )
-    try:
-        location = f"postgresql {pg_db.role}@127.0.0.1:{pg_db.cluster.port}/{pg_db.name}"
-        assert f"database {location}" in server.log()
-        env = {
-            **os.environ,
-            "SAFEHOLD_TARGET": server.target,
-            "SAFEHOLD_PASSWORD": pg_db.password,
-        }
-        info = run_cli("info", env=env)
-        assert info.returncode == 0, info.stderr
-        assert f"location:      {location}" in info.stdout
-        out = tmp_path / "gv.dump"
-        assert run_cli("backup", "-o", str(out), env=env).returncode == 0
-        listing = subprocess.run(
-            ["pg_restore", "--list", str(out)], capture_output=True, text=True, check=True
-        )
-        assert "TABLE public games" in listing.stdout
-        assert not (server.data_dir / "safehold.sqlite").exists()
-    finally:
-        server.stop()
 
 
 def test_cron_reads_the_password_from_a_file(sqlite_server: Server, tmp_path: Path) -> None:

@@ -67,6 +67,13 @@ def _issue(
 
 @pytest.fixture
 def pki(tmp_path: Path) -> Pki:
+    return make_pki(tmp_path)
+
+
+def make_pki(tmp_path: Path) -> Pki:
+    """A CA, a server certificate for 127.0.0.1 and localhost, a client certificate:
+    ca.crt, server.crt/.key, client.crt/.key in tmp_path."""
+
     def write(
         name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
     ) -> tuple[Path, Path]:
