@@ -317,3 +317,21 @@ def test_gamevault_env_file(doc_cluster: Cluster, tmp_path: Path) -> None:
         assert not (server.data_dir / "safehold.sqlite").exists()
     finally:
         server.stop()
+
+
+def test_quickstart_on_the_embedded_default(tmp_path: Path) -> None:
+    """README's first steps: `safehold serve` with nothing configured, in a fresh HOME."""
+    home = {"HOME": str(tmp_path), "XDG_DATA_HOME": "", "SAFEHOLD_DATA_DIR": ""}
+    server = start_server(tmp_path, "", "", env={**home, "SAFEHOLD_PASSWORD": ""})
+    server.password = (tmp_path / ".local/share/safehold/password").read_text().strip()
+    try:
+        shell = _shell(tmp_path)
+        (shell.cwd / ".venv").symlink_to(Path(sys.executable).parent.parent)
+        shell.env.update(SAFEHOLD_TARGET=server.target)
+        result = shell.run(doc_block("README.md", "quickstart"), typed=b"y\n")
+        assert result.returncode == 0, result.stderr
+        embedded = tmp_path / ".local/share/safehold/safehold.sqlite"
+        assert f"location:      sqlite {embedded}" in result.stdout
+        assert "restored" in result.stdout
+    finally:
+        server.stop()

@@ -17,7 +17,7 @@ import grpc
 import pytest
 from conftest import PASSWORD, PgDatabase
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import Server, add_filler, frames, start_server
+from helpers import Server, add_filler, frames, run_cli, start_server
 from psycopg import sql
 
 from safehold.client import Client
@@ -61,6 +61,10 @@ def test_backup_service_health_follows_the_database(pg_db: PgDatabase, tmp_path:
         _set_password(pg_db, "not-what-safehold-has")
         _until(lambda: _status(server, SERVICE_NAME) == NOT_SERVING, "NOT_SERVING")
         assert _status(server, "") == SERVING  # the process is up: tell the two apart
+        env = server.client_env()
+        assert run_cli("health", env=env).returncode == 0
+        database = run_cli("health", "--service", SERVICE_NAME, env=env)
+        assert database.returncode == 1 and "NOT_SERVING" in database.stdout
         with Client(server.target, PASSWORD) as client, pytest.raises(DatabaseUnavailable):
             client.server_info()
         _set_password(pg_db, PASSWORD)
