@@ -10,7 +10,7 @@ import sqlite3
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -108,22 +108,6 @@ def test_health_is_not_serving_while_a_restore_drains_after_sigterm(
         worker.join(60)
     assert server.stop() == 0
     assert len(outcome) == 1 and not isinstance(outcome[0], Exception), outcome
-
-
-@pytest.fixture
-def metered(tmp_path: Path, sqlite_db: Path) -> Iterator[tuple[Server, str]]:
-    server = start_server(
-        tmp_path,
-        f"sqlite:///{sqlite_db}",
-        PASSWORD,
-        "--log-json",
-        "--metrics-listen",
-        "127.0.0.1:0",
-    )
-    port = re.search(r"metrics on \S+ \(port (\d+)\)", server.log())
-    assert port
-    yield server, f"http://127.0.0.1:{port.group(1)}/metrics"
-    server.stop()
 
 
 def _scrape(url: str) -> dict[str, float]:

@@ -4,7 +4,6 @@ password in a file for cron, the client's own refusals, and a PostgreSQL whose
 
 from __future__ import annotations
 
-import argparse
 import os
 import pty
 import subprocess
@@ -14,41 +13,6 @@ import pytest
 from conftest import PgDatabase
 from helpers import SAFEHOLD, Server, run_cli, sqlite_content
 from pg import Cluster
-
-from safehold.server import config
-from safehold.server.config import ConfigError, PostgresTarget, SqliteTarget
-
-
-def _load(env: dict[str, str]) -> config.Config:
-    parser = argparse.ArgumentParser()
-    config.add_arguments(parser)
-    return config.load(parser.parse_args([]), env)
-
-
-def test_gamevault_defaults_are_gamevaults(tmp_path: Path) -> None:
-    base = {"SAFEHOLD_DATA_DIR": str(tmp_path)}
-    assert _load({**base, "DB_HOST": "db"}).target == PostgresTarget(
-        "db", 5432, "default", "gamevault"
-    )
-    assert _load({**base, "DB_PASSWORD": "pw"}).password == "pw"
-    assert _load({**base, "DB_SYSTEM": "sqlite"}).target == SqliteTarget(
-        Path("/db/database.sqlite")
-    )
-    assert _load(base).target == SqliteTarget(tmp_path / "safehold.sqlite")
-    with pytest.raises(ConfigError, match="DB_SYSTEM must be"):
-        _load({**base, "DB_SYSTEM": "mysql"})
-
-
-def test_a_database_url_uses_no_db_value(tmp_path: Path) -> None:
-    env = {
-        "SAFEHOLD_DATA_DIR": str(tmp_path),
-        "SAFEHOLD_DATABASE_URL": "postgresql://app@127.0.0.1/app",
-        "DB_PASSWORD": "gamevaults-password",
-        "DB_HOST": "elsewhere",
-    }
-    with pytest.raises(ConfigError, match="no database password"):
-        _load(env)
-    assert _load({**env, "SAFEHOLD_PASSWORD": "own"}).password == "own"
 
 
 def test_cron_reads_the_password_from_a_file(sqlite_server: Server, tmp_path: Path) -> None:

@@ -102,8 +102,8 @@ def make_pki(tmp_path: Path) -> Pki:
     return Pki(ca_path, server_cert, server_key_path, client_cert, client_key_path)
 
 
-def test_tls_server(pki: Pki, tmp_path: Path, sqlite_db: Path) -> None:
-    server = start_server(
+def _tls_server(tmp_path: Path, sqlite_db: Path, pki: Pki, *extra: str) -> Server:
+    return start_server(
         tmp_path,
         f"sqlite:///{sqlite_db}",
         PASSWORD,
@@ -111,7 +111,12 @@ def test_tls_server(pki: Pki, tmp_path: Path, sqlite_db: Path) -> None:
         str(pki.server_cert),
         "--tls-key",
         str(pki.server_key),
+        *extra,
     )
+
+
+def test_tls_server(pki: Pki, tmp_path: Path, sqlite_db: Path) -> None:
+    server = _tls_server(tmp_path, sqlite_db, pki)
     try:
         with Client(server.target, PASSWORD, tls=TlsOptions(ca=pki.ca)) as client:
             assert client.server_info().engine == "SQLite"
@@ -133,17 +138,7 @@ def test_tls_server(pki: Pki, tmp_path: Path, sqlite_db: Path) -> None:
 def test_mutual_tls_requires_a_client_certificate(
     pki: Pki, tmp_path: Path, sqlite_db: Path
 ) -> None:
-    server = start_server(
-        tmp_path,
-        f"sqlite:///{sqlite_db}",
-        PASSWORD,
-        "--tls-cert",
-        str(pki.server_cert),
-        "--tls-key",
-        str(pki.server_key),
-        "--tls-client-ca",
-        str(pki.ca),
-    )
+    server = _tls_server(tmp_path, sqlite_db, pki, "--tls-client-ca", str(pki.ca))
     try:
         with (
             Client(
@@ -157,19 +152,6 @@ def test_mutual_tls_requires_a_client_certificate(
             client.backup(tmp_path / "mtls.sqlite")
     finally:
         server.stop()
-
-
-def _tls_server(tmp_path: Path, sqlite_db: Path, pki: Pki, *extra: str) -> Server:
-    return start_server(
-        tmp_path,
-        f"sqlite:///{sqlite_db}",
-        PASSWORD,
-        "--tls-cert",
-        str(pki.server_cert),
-        "--tls-key",
-        str(pki.server_key),
-        *extra,
-    )
 
 
 def test_a_certificate_without_its_key_is_one_line_not_a_crash(
