@@ -79,10 +79,11 @@ def _serves(operation: str | None) -> Callable[[Method], Method]:
                     yield from method(self, request, context)
             except SafeholdError as err:
                 log.warning(
-                    "%s failed: %s [%s]",
+                    "%s failed: %s [%s] (peer %s)",
                     method.__name__,
                     err.describe(),
                     err.reason,
+                    context.peer(),
                     extra={"reason": err.reason.value, "peer": context.peer()},
                 )
                 if operation:
