@@ -19,7 +19,7 @@ class _RequestIdFilter(logging.Filter):
         return True
 
 
-FIELDS = ("reason", "peer", "bytes", "sha256", "seconds", "database")
+FIELDS = ("reason", "peer", "bytes", "sha256", "seconds")
 """Details a log call may pass in `extra`; JSON lines carry each as its own field."""
 
 
