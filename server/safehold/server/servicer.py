@@ -429,6 +429,8 @@ class _RunningCalls:
 
     def wait_idle(self, timeout: float) -> bool:
         with self._cond:
+            if self._count:
+                log.info("waiting up to %gs for %d running call(s)", timeout, self._count)
             return self._cond.wait_for(lambda: self._count == 0, timeout)
 
 
