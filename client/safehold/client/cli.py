@@ -199,6 +199,7 @@ def _password(file: Path | None) -> str:
             return getpass.getpass("database password: ")
         except EOFError:
             print(file=sys.stderr)
+            raise no_password(" (none was typed)") from None
     raise no_password(" (it is never taken as a flag, and there is no terminal to ask on)")
 
 
