@@ -15,14 +15,17 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import PASSWORD, PgDatabase
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from conftest import PASSWORD, PgDatabase, make_sqlite_db
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from helpers import Server, add_filler, frames, run_cli, start_server
 from psycopg import sql
 
 from safehold.client import Client
 from safehold.client.errors import DatabaseUnavailable
 from safehold.contract import SERVICE_NAME
+from safehold.server.config import SqliteTarget
+from safehold.server.engines.sqlite import SqliteEngine
+from safehold.server.health_watch import DatabaseHealth
 from safehold.v1 import backup_service_pb2 as pb
 from safehold.v1 import backup_service_pb2_grpc as pb_grpc
 
@@ -169,3 +172,32 @@ def test_bytes_and_in_flight_during_a_backup_and_refusals_by_reason(
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", e["time"]) for e in lines)
     refusal = next(e for e in lines if e["message"].startswith("refused"))
     assert refusal["reason"] == "UNAUTHENTICATED" and refusal["peer"].startswith("ipv4:127.0.0.1")
+
+
+def test_one_bad_probe_does_not_flip_health(tmp_path: Path) -> None:
+    """Two probes in a row must agree: a database file gone for one probe changes nothing."""
+    live = make_sqlite_db(tmp_path / "app.sqlite")
+    engine = SqliteEngine(SqliteTarget(live), tmp_path, 1)
+    servicer = health.HealthServicer()
+    servicer.set(SERVICE_NAME, SERVING)
+    watch = DatabaseHealth(engine.check, servicer, interval=60)
+
+    def status() -> int:
+        request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        return int(servicer.Check(request, None).status)  # type: ignore[arg-type]
+
+    away = live.rename(tmp_path / "away.sqlite")
+    watch.probe_once()
+    assert status() == SERVING
+    away.rename(live)
+    watch.probe_once()
+    away = live.rename(tmp_path / "away.sqlite")
+    watch.probe_once()
+    assert status() == SERVING
+    watch.probe_once()
+    assert status() == NOT_SERVING
+    away.rename(live)
+    watch.probe_once()
+    assert status() == NOT_SERVING
+    watch.probe_once()
+    assert status() == SERVING
