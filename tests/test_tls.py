@@ -264,6 +264,10 @@ def test_health_finds_tls_from_the_servers_environment(
         result = run_cli("health", env=container_env)
         assert result.returncode == 0, result.stderr
         assert "SERVING" in result.stdout
+        named = {**container_env, "SAFEHOLD_TLS_SERVER_NAME": "localhost"}
+        assert run_cli("health", env=named).returncode == 0
+        misnamed = {**container_env, "SAFEHOLD_TLS_SERVER_NAME": "other.example"}
+        assert run_cli("health", "--connect-timeout", "2", env=misnamed).returncode == 1
         without = run_cli(
             "health", "--connect-timeout", "2", env={**os.environ, "SAFEHOLD_TARGET": server.target}
         )

@@ -153,7 +153,10 @@ def _server_tls(environ: Mapping[str, str]) -> TlsOptions | None:
     cert = environ.get("SAFEHOLD_TLS_CERT")
     if not cert:
         return None
-    return TlsOptions(ca=Path(environ.get("SAFEHOLD_TLS_CA") or cert))
+    return TlsOptions(
+        ca=Path(environ.get("SAFEHOLD_TLS_CA") or cert),
+        server_name=environ.get("SAFEHOLD_TLS_SERVER_NAME") or None,
+    )
 
 
 def _confirm(client: Client, file: Path) -> bool:
@@ -213,10 +216,11 @@ def _tls(args: argparse.Namespace) -> TlsOptions | None:
     ca = path(args.tls_ca, "SAFEHOLD_TLS_CA")
     cert = path(args.tls_cert, "SAFEHOLD_TLS_CLIENT_CERT")
     key = path(args.tls_key, "SAFEHOLD_TLS_CLIENT_KEY")
+    name = args.tls_server_name or env.get("SAFEHOLD_TLS_SERVER_NAME") or None
     wanted = args.tls or env.get("SAFEHOLD_TLS", "").lower() in ("1", "true", "yes")
     if not (wanted or ca or cert or key):
         return None
-    return TlsOptions(ca=ca, cert=cert, key=key)
+    return TlsOptions(ca=ca, cert=cert, key=key, server_name=name)
 
 
 def _progress_display() -> TerminalProgress | None:
@@ -260,6 +264,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     client_options.add_argument(
         "--tls-key", type=Path, help="client certificate's key (env SAFEHOLD_TLS_CLIENT_KEY)"
+    )
+    client_options.add_argument(
+        "--tls-server-name",
+        help="the name the server's certificate carries, when --target is another "
+        "(env SAFEHOLD_TLS_SERVER_NAME)",
     )
     client_options.add_argument(
         "--password-file",

@@ -17,7 +17,7 @@ import hashlib
 import hmac
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -53,11 +53,14 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class TlsOptions:
-    """Trust `ca` for the server (system roots if None); present cert/key when set."""
+    """Trust `ca` for the server (system roots if None); present cert/key when set.
+    `server_name` is the name to expect in the server's certificate when the target
+    address is not one of its names (e.g. a health check on 127.0.0.1)."""
 
     ca: Path | None = None
     cert: Path | None = None
     key: Path | None = None
+    server_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -449,13 +452,15 @@ def _safe_to_retry(exc: BaseException) -> bool:
 
 def open_channel(target: str, tls: TlsOptions | None) -> grpc.Channel:
     """A channel to target: plaintext, or TLS (with a client certificate when given)."""
-    options: Sequence[tuple[str, int]] = [
+    options: list[tuple[str, int | str]] = [
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_permit_without_calls", 0),
     ]
     if tls is None:
         return grpc.insecure_channel(target, options=options)
     check_tls(tls.ca, tls.cert, tls.key)
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
     credentials = grpc.ssl_channel_credentials(
         root_certificates=tls.ca.read_bytes() if tls.ca else None,
         private_key=tls.key.read_bytes() if tls.key else None,
