@@ -335,3 +335,24 @@ def test_quickstart_on_the_embedded_default(tmp_path: Path) -> None:
         assert "restored" in result.stdout
     finally:
         server.stop()
+
+
+def test_client_library_snippet(tmp_path: Path, sqlite_server: Server) -> None:
+    shell = _shell(tmp_path, server=sqlite_server)
+    secret = tmp_path / "password"
+    secret.write_text(sqlite_server.password)
+    del shell.env["SAFEHOLD_PASSWORD"]
+    shell.env["SAFEHOLD_PASSWORD_FILE"] = str(secret)
+    (shell.cwd / "backups").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c", doc_block("README.md", "library")],
+        cwd=shell.cwd,
+        env=shell.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "PRE_RESTORE_BACKUP" in result.stdout and "Progress(phase='BACKUP'" in result.stdout
+    assert len(list((shell.cwd / "backups").glob("*.sqlite"))) == 1
