@@ -80,6 +80,7 @@ def start_server(
     password: str,
     *extra_args: str,
     env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> Server:
     """Start `safehold serve` on a free loopback port and wait until it listens."""
     data_dir = tmp / "safehold-data"
@@ -97,6 +98,7 @@ def start_server(
             stdout=log,
             stderr=subprocess.STDOUT,
             env=environ,
+            cwd=cwd,
         )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

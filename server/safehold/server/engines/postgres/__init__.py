@@ -9,8 +9,9 @@ lexer that lets no meta-command or transaction control through
 
 The package, by concern: tools.py (which tools, their versions, each child's
 environment), archive.py (what a dump says about itself), ownership.py (owners
-and grantees this server can take), script_guard.py and session.py (the
-replay and its transaction).
+and grantees this server can take), privileges.py (what the role needs for an
+owner-only restore), script_guard.py and session.py (the replay and its
+transaction).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from safehold.server.engines import (
 )
 from safehold.server.engines.postgres.archive import DumpHeader, major_of, read_header
 from safehold.server.engines.postgres.ownership import ownership_flags
+from safehold.server.engines.postgres.privileges import restore_blockers
 from safehold.server.engines.postgres.script_guard import ScriptGuard, UnsafeScript
 from safehold.server.engines.postgres.session import Replay, TransactionEscaped
 from safehold.server.engines.postgres.tools import (
@@ -52,6 +54,7 @@ from safehold.server.errors import (
     DatabaseBusy,
     DatabaseUnavailable,
     EngineMismatch,
+    InsufficientPrivilege,
     NotABackup,
     RestoreFailed,
     VersionMismatch,
@@ -107,6 +110,7 @@ class PostgresEngine:
             row = db.execute(
                 "SELECT current_setting('server_version'), pg_database_size(current_database())"
             ).fetchone()
+            blockers = restore_blockers(db)
         assert row is not None
         return EngineInfo(
             version=str(row[0]).split()[0],
@@ -114,7 +118,12 @@ class PostgresEngine:
             size_bytes=int(row[1]),
             tool_versions={**self._tools.versions, "psql (minimum)": MINIMUM_PSQL},
             warnings=self.role_warnings(),
+            restore_blockers=blockers,
         )
+
+    def check(self) -> None:
+        with self._connect() as db:
+            db.execute("SELECT 1")
 
     def role_warnings(self) -> list[str]:
         """What the role may do beyond its database: a restored dump runs with it."""
@@ -158,6 +167,10 @@ class PostgresEngine:
 
     def inspect(self, path: Path, options: RestoreOptions) -> list[Notice]:
         header = self._read_header(path)
+        with self._connect() as db:
+            blockers = restore_blockers(db)
+        if blockers:
+            raise InsufficientPrivilege("; ".join(blockers))
         if header.dump_format == pb.DUMP_FORMAT_PG_PLAIN:
             with open(path, "rb") as script:
                 _check_script(read_chunks(script), archive=False)
