@@ -130,12 +130,14 @@ def _health(args: argparse.Namespace) -> int:
 
     Run inside the server's container it finds TLS where the server does: with
     no client TLS setting, a server configured by SAFEHOLD_TLS_CERT is checked
-    over TLS, trusting that certificate file (or SAFEHOLD_TLS_CA)."""
+    over TLS, trusting that certificate file (or SAFEHOLD_TLS_CA), except on the
+    server's own health port (SAFEHOLD_HEALTH_LISTEN), which is always plaintext."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     target = args.target or os.environ.get("SAFEHOLD_TARGET") or DEFAULT_TARGET
-    tls = _tls(args) or _server_tls(os.environ)
+    health_port = target == os.environ.get("SAFEHOLD_HEALTH_LISTEN")
+    tls = _tls(args) or (None if health_port else _server_tls(os.environ))
     try:
         with open_channel(target, tls) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
