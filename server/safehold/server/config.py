@@ -83,6 +83,7 @@ class Config:
     shutdown_grace_seconds: float
     stall_timeout_seconds: float
     inspect_timeout_seconds: float
+    restore_timeout_seconds: float
     max_concurrent_backups: int
     log_json: bool
     metrics_listen: str | None
@@ -189,6 +190,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "default 600 " + env % "SAFEHOLD_INSPECT_TIMEOUT",
     )
     parser.add_argument(
+        "--restore-timeout",
+        type=float,
+        help="end a PostgreSQL replace that runs longer (rolled back), default 21600 (6 h); "
+        "0 never " + env % "SAFEHOLD_RESTORE_TIMEOUT",
+    )
+    parser.add_argument(
         "--metrics-listen",
         help="serve Prometheus metrics on host:port, e.g. 127.0.0.1:9464; off by default "
         + env % "SAFEHOLD_METRICS_LISTEN",
@@ -285,6 +292,9 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         ),
         inspect_timeout_seconds=_non_negative(
             pick(args.inspect_timeout, "INSPECT_TIMEOUT") or "600", "inspect timeout", float
+        ),
+        restore_timeout_seconds=_non_negative(
+            pick(args.restore_timeout, "RESTORE_TIMEOUT") or "21600", "restore timeout", float
         ),
         log_json=_flag(pick(args.log_json, "LOG_JSON")),
         metrics_listen=pick(args.metrics_listen, "METRICS_LISTEN"),

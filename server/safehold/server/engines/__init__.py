@@ -109,7 +109,12 @@ def open_engine(config: Config) -> Engine:
     if isinstance(config.target, PostgresTarget):
         from safehold.server.engines.postgres import PostgresEngine
 
-        return PostgresEngine(config.target, config.password, config.lock_timeout_seconds)
+        return PostgresEngine(
+            config.target,
+            config.password,
+            config.lock_timeout_seconds,
+            restore_timeout=config.restore_timeout_seconds,
+        )
     from safehold.server.engines.sqlite import SqliteEngine
 
     return SqliteEngine(
