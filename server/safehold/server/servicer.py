@@ -452,15 +452,21 @@ def _still_wanted(context: grpc.ServicerContext) -> None:
 
 
 def _next_frame(requests: IdleWatchdog[pb.RestoreRequest]) -> pb.RestoreRequest | None:
-    """The next frame, None at the end of the stream; a vanished client is Cancelled."""
+    """The next frame, None at the end of the stream; a vanished client is Cancelled.
+
+    When the idle watchdog has cancelled the call, gRPC may end the request
+    stream either way (an error, or a plain end): both are the abandoned upload."""
     try:
-        return next(requests, None)
+        frame = next(requests, None)
     except grpc.RpcError:
-        if requests.fired:
-            raise Cancelled(
-                f"the client sent nothing for {requests.timeout:g}s; the upload was abandoned"
-            ) from None
-        raise Cancelled("the client went away during the upload") from None
+        frame = None
+        if not requests.fired:
+            raise Cancelled("the client went away during the upload") from None
+    if requests.fired:
+        raise Cancelled(
+            f"the client sent nothing for {requests.timeout:g}s; the upload was abandoned"
+        )
+    return frame
 
 
 def _phase(
