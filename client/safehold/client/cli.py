@@ -1,4 +1,4 @@
-"""The `safehold` command: serve, backup, restore, info.
+"""The `safehold` command: serve, backup, restore, info; list, prune, verify.
 
 Every failure ends with a non-zero exit and one line saying what happened and
 whether the database was touched.
@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
-from safehold.client import output
+from safehold.client import output, repository_cli
 from safehold.client.client import DEFAULT_TARGET, Client, TlsOptions, open_channel
 from safehold.client.credentials import no_password, password_from
 from safehold.client.diagnose import explain
@@ -38,14 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "health":
         return _health(args)
     try:
-        with Client(
-            args.target,
-            _password(args.password_file),
-            tls=_tls(args),
-            connect_timeout=args.connect_timeout,
-        ) as client:
-            verb: Callable[[Client, argparse.Namespace], int] = args.run
-            return verb(client, args)
+        return _run(args)
     except SafeholdError as err:
         say(f"safehold: {args.verb} failed: {_explain(err)}", file=sys.stderr)
         return EXIT_FAILED
@@ -57,8 +50,29 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _run(args: argparse.Namespace) -> int:
+    """Run a verb: the repository verbs (list, prune, verify) need no server."""
+    offline: Callable[[argparse.Namespace], int] | None = getattr(args, "offline", None)
+    if offline:
+        return offline(args)
+    with Client(
+        args.target,
+        _password(args.password_file),
+        tls=_tls(args),
+        connect_timeout=args.connect_timeout,
+    ) as client:
+        verb: Callable[[Client, argparse.Namespace], int] = args.run
+        return verb(client, args)
+
+
 def _backup(client: Client, args: argparse.Namespace) -> int:
     progress = _progress_display()
+    if repository_cli.wants_repository(args):
+        line = repository_cli.backup(client, args, progress)
+        if progress:
+            progress.finish()
+        say(line)
+        return 0
     destination = output.plan(args.output, force=args.force)
     result = client.backup(
         destination, compression_level=args.compression_level, on_progress=progress
@@ -75,8 +89,8 @@ def _backup(client: Client, args: argparse.Namespace) -> int:
 
 
 def _restore(client: Client, args: argparse.Namespace) -> int:
-    client.check_backup_file(args.file)
-    if not args.yes and not _confirm(client, args.file):
+    label, restore = repository_cli.restorer(args, client)
+    if not args.yes and not _confirm(client, label):
         print("safehold: restore cancelled; the database is unchanged", file=sys.stderr)
         return EXIT_FAILED
     progress = _progress_display()
@@ -86,8 +100,8 @@ def _restore(client: Client, args: argparse.Namespace) -> int:
             progress.finish()
         say(f"notice [{reason}]: {message}", file=sys.stderr)
 
-    result = client.restore(
-        args.file,
+    result = restore(
+        client,
         allow_version_mismatch=args.allow_version_mismatch,
         terminate_blocking_sessions=args.terminate_blocking_sessions,
         on_progress=progress,
@@ -170,7 +184,7 @@ def _server_tls(environ: Mapping[str, str]) -> TlsOptions | None:
     )
 
 
-def _confirm(client: Client, file: Path) -> bool:
+def _confirm(client: Client, file: str) -> bool:
     if not sys.stdin.isatty():
         raise ValueError(
             "restore replaces the whole database: pass --yes to confirm "
@@ -298,12 +312,13 @@ def _parser() -> argparse.ArgumentParser:
         "--output",
         default=".",
         help="a directory (ends in / or exists; created when missing) to save the server's "
-        "suggested name in, never replacing a file; a file name; or - for stdout. "
-        "Default: the current directory",
+        "suggested name in, never replacing a file; s3://bucket/prefix/ (a repository); "
+        "a file name; or - for stdout. Default: the current directory",
     )
     backup.add_argument(
         "--force", action="store_true", help="replace the file -o names if it exists"
     )
+    repository_cli.add_backup_options(backup)
     backup.add_argument(
         "--compression-level",
         type=int,
@@ -319,7 +334,8 @@ def _parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         help="replace the database with a backup",
     )
-    restore.add_argument("file", type=Path)
+    restore.add_argument("file", help="a backup FILE, REPOSITORY/NAME, or REPOSITORY --latest")
+    repository_cli.add_restore_options(restore)
     restore.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     restore.add_argument(
         "--allow-version-mismatch",
@@ -332,6 +348,8 @@ def _parser() -> argparse.ArgumentParser:
         help="PostgreSQL: end sessions that hold locks instead of failing",
     )
     restore.set_defaults(run=_restore)
+
+    repository_cli.add_verbs(verbs)
 
     info = verbs.add_parser(
         "info", parents=[client_options], allow_abbrev=False, help="describe the server"

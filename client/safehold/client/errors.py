@@ -194,3 +194,31 @@ def _request_id(error: grpc.RpcError) -> str | None:
         if key == REQUEST_ID_KEY:
             return str(value)
     return None
+
+
+class RepositoryError(SafeholdError):
+    """A repository (directory or s3://) could not be read or written as asked."""
+
+    def __init__(self, message: str, *, reason: str = "REPOSITORY_ERROR") -> None:
+        super().__init__(message, reason=reason, database_state=DatabaseState.UNCHANGED)
+
+
+class BackupNotFound(RepositoryError):
+    """No complete backup by that name (or none at all for --latest) in the repository."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="BACKUP_NOT_FOUND")
+
+
+class VerificationFailed(RepositoryError):
+    """A stored backup's size or SHA-256 differs from its manifest: it is damaged."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="VERIFICATION_FAILED")
+
+
+class EncryptionKeyError(RepositoryError):
+    """An age recipient or identity could not be read, or does not open this backup."""
+
+    def __init__(self, message: str, *, reason: str = "BAD_KEY") -> None:
+        super().__init__(message, reason=reason)
