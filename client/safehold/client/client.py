@@ -20,7 +20,6 @@ import hashlib
 import hmac
 import json
 import os
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -389,7 +388,10 @@ class Client:
                 checked = _FormatCheck(sink, manifest.dump_format)
                 stream = _BackupStream(responses, on_progress)
                 try:
-                    shutil.copyfileobj(as_binary(stream), checked, UPLOAD_CHUNK_BYTES)
+                    # Unbuffered: each chunk goes on as it arrives (a stream's reader sees
+                    # it at once, and what it was given is known if the call breaks).
+                    while data := stream.read(UPLOAD_CHUNK_BYTES):
+                        checked.write(data)
                 except ConnectionFailed as err:
                     # A stream cannot take back what it was given: never send it twice.
                     err.retryable = err.retryable and not (dest.streams and checked.passed_on)
