@@ -8,6 +8,7 @@ the password never reached it.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import signal
@@ -19,6 +20,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, quote_plus
 
 import grpc
 
@@ -57,7 +59,7 @@ class Server:
                 self.process.kill()
                 self.process.wait()
                 raise AssertionError("the server did not stop in time") from None
-        assert self.password not in self.log(), "the password reached the server log"
+        assert_secret_not_in(self.password, self.log())
         return self.process.returncode
 
     def channel(self) -> grpc.Channel:
@@ -72,6 +74,31 @@ class Server:
     def client_env(self) -> dict[str, str]:
         """Environment for the CLI as a user would set it."""
         return {**os.environ, "SAFEHOLD_TARGET": self.target, "SAFEHOLD_PASSWORD": self.password}
+
+
+def secret_forms(secret: str) -> set[str]:
+    """Every spelling of secret a log line can carry: as is, JSON-escaped (once,
+    or twice when a JSON line is logged inside another), Python's repr of the
+    str and of its bytes, and URL-encoded (as in a database URL or a query)."""
+    once = json.dumps(secret)[1:-1]
+    forms = {
+        secret,
+        once,
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+        json.dumps(once)[1:-1],
+        repr(secret)[1:-1],
+        repr(secret.encode())[2:-1],
+        quote(secret, safe=""),
+        quote(secret),
+        quote_plus(secret),
+    }
+    return {form for form in forms if form}
+
+
+def assert_secret_not_in(secret: str, text: str) -> None:
+    """Fail if any spelling of secret appears in text (a log, an error, a listing)."""
+    found = sorted(form for form in secret_forms(secret) if form in text)
+    assert not found, f"the password reached the log, spelled {len(found)} way(s)"
 
 
 def start_server(

@@ -133,7 +133,9 @@ def test_bad_upload_leaves_database_untouched(
 
 
 @pytest.mark.parametrize(
-    "password", [None, "", "wrong", "x" * 5000], ids=["missing", "empty", "wrong", "oversized"]
+    "password",
+    [None, "", "wrong", "x" * 5000, PASSWORD[:1], PASSWORD[:-1], PASSWORD + "x", PASSWORD.upper()],
+    ids=["missing", "empty", "wrong", "oversized", "first-char", "prefix", "extended", "upper"],
 )
 def test_bad_password_is_refused_for_every_call(
     password: str | None, sqlite_server: Server, sqlite_db: Path, valid_backup: bytes
@@ -177,9 +179,13 @@ def test_client_refuses_other_engine_before_uploading(
     assert info.value.database_state == "UNCHANGED"
     noise = tmp_path / "noise.bin"
     noise.write_bytes(os.urandom(5000))
-    with pytest.raises(InvalidBackup):
+    with pytest.raises(InvalidBackup) as refused:
         client.restore(noise)
-    assert "restore started" not in sqlite_server.log()
+    assert "nothing was sent" in str(info.value) and "nothing was sent" in str(refused.value)
+    # The server's own header and format checks would refuse these too, but
+    # they log it: an empty log shows the client refused before calling Restore.
+    log = sqlite_server.log()
+    assert "Restore failed" not in log and "restore started" not in log
 
 
 def test_second_restore_while_one_runs_is_aborted(
