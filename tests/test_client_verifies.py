@@ -80,6 +80,16 @@ class LyingService(pb_grpc.BackupServiceServicer):
             yield pb.BackupResponse(chunk=CONTENT)
             yield pb.BackupResponse(trailer=_trailer(CONTENT))
 
+    def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
+    ) -> pb.GetServerInfoResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "only backups lie here")
+
+    def Restore(
+        self, request_iterator: Iterator[pb.RestoreRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.RestoreResponse]:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "only backups lie here")
+
 
 def serve(service: pb_grpc.BackupServiceServicer) -> tuple[grpc.Server, str]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
