@@ -7,10 +7,12 @@ the password never reached it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -140,6 +142,16 @@ def sqlite_content(path: Path) -> list[str]:
     """The whole logical content of a SQLite database, for exact comparison."""
     with sqlite3.connect(path) as db:
         return list(db.iterdump())
+
+
+def altered_copy(db: Path, dest: Path) -> bytes:
+    """A copy of db with every game renamed, as bytes to upload: applied, it
+    would change the database, so a test that asserts "unchanged" can fail."""
+    shutil.copyfile(db, dest)
+    with contextlib.closing(sqlite3.connect(dest)) as conn, conn:
+        conn.execute("UPDATE games SET title = title || ' (uploaded)'")
+    assert sqlite_content(dest) != sqlite_content(db)
+    return dest.read_bytes()
 
 
 def add_filler(db: Path, megabytes: int) -> None:

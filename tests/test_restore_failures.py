@@ -16,6 +16,7 @@ import pytest
 from conftest import PASSWORD
 from helpers import (
     Server,
+    altered_copy,
     error_reason,
     frames,
     held_before_trailer,
@@ -222,7 +223,7 @@ def test_upload_over_limit_is_refused(tmp_path: Path, sqlite_db: Path) -> None:
     )
     try:
         before = sqlite_content(sqlite_db)
-        data = sqlite_db.read_bytes()
+        data = altered_copy(sqlite_db, tmp_path / "upload.sqlite")
         assert len(data) > 10000
         # Without a declared size: refused as the upload crosses the limit.
         _, err = raw_restore(server, frames(data))
@@ -254,7 +255,7 @@ def _wait_for(condition: Callable[[], bool], timeout: float = 10) -> None:
 def test_sigterm_during_upload_ends_it_clearly(tmp_path: Path, sqlite_db: Path) -> None:
     server = start_server(tmp_path, f"sqlite:///{sqlite_db}", PASSWORD, "--shutdown-grace", "20")
     before = sqlite_content(sqlite_db)
-    data = sqlite_db.read_bytes()
+    data = altered_copy(sqlite_db, tmp_path / "upload.sqlite")
 
     def slow_upload() -> Iterator[pb.RestoreRequest]:
         for i, frame in enumerate(frames(data, chunk=1024)):
@@ -285,7 +286,7 @@ def test_stalled_upload_is_ended_and_frees_the_server(tmp_path: Path, sqlite_db:
         with sqlite3.connect(sqlite_db) as db:
             db.execute("CREATE TABLE marker (x)")
         before = sqlite_content(sqlite_db)
-        data = sqlite_db.read_bytes()
+        data = altered_copy(sqlite_db, tmp_path / "upload.sqlite")
         never = threading.Event()
         started = time.monotonic()
         _, err = raw_restore(server, held_before_trailer(frames(data), never))
