@@ -191,9 +191,9 @@ def test_client_gone_during_restore(
                     break
         else:
             raise AssertionError("the restore ended although the client had gone")
-    except grpc.RpcError as err:
+    except grpc.RpcError as ended:
         expected = grpc.StatusCode.DEADLINE_EXCEEDED if how == "deadline" else None
-        assert expected is None or err.code() == expected, err
+        assert expected is None or ended.code() == expected, ended
     finally:
         release.set()
         barrier.close()
