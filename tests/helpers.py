@@ -235,3 +235,18 @@ def held_before_trailer(
         if item.WhichOneof("frame") == "trailer":
             gate.wait(30)
         yield item
+
+
+def wait_until_writing(db: Path, pid: int) -> None:
+    """Wait until process pid holds a write lock on db (SQLite's RESERVED or
+    PENDING lock, seen in /proc/locks): the replace has begun and waits for
+    the readers to leave."""
+    inode = db.stat().st_ino
+    deadline = time.monotonic() + 20
+    while not any(
+        fields[3] == "WRITE" and fields[4] == str(pid) and fields[5].endswith(f":{inode}")
+        for fields in (line.split() for line in Path("/proc/locks").read_text().splitlines())
+        if len(fields) > 5
+    ):
+        assert time.monotonic() < deadline, "the replace never began"
+        time.sleep(0.02)

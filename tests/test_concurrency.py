@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import PASSWORD, PgDatabase
+from conftest import PASSWORD
 from helpers import (
     Server,
     add_filler,
@@ -23,9 +23,10 @@ from helpers import (
     spool_leftovers,
     sqlite_content,
     start_server,
+    wait_until_writing,
 )
 
-from safehold.client import Busy, Client
+from safehold.client import Client
 from safehold.v1 import backup_service_pb2 as pb
 from safehold.v1 import backup_service_pb2_grpc as pb_grpc
 
@@ -134,21 +135,6 @@ def hold_in_phase(db: Path, phase: str) -> sqlite3.Connection:
     return conn
 
 
-def wait_until_writing(db: Path, pid: int) -> None:
-    """Wait until process pid holds a write lock on db (SQLite's RESERVED or
-    PENDING lock, seen in /proc/locks): the replace has begun and waits for
-    the readers to leave."""
-    inode = db.stat().st_ino
-    deadline = time.monotonic() + 20
-    while not any(
-        fields[3] == "WRITE" and fields[4] == str(pid) and fields[5].endswith(f":{inode}")
-        for fields in (line.split() for line in Path("/proc/locks").read_text().splitlines())
-        if len(fields) > 5
-    ):
-        assert time.monotonic() < deadline, "the replace never began"
-        time.sleep(0.02)
-
-
 @pytest.mark.parametrize("phase", ["RECEIVING", "VERIFYING", "PRE_RESTORE_BACKUP", "RESTORING"])
 @pytest.mark.parametrize("how", ["cancel", "deadline", "disconnect"])
 def test_client_gone_during_restore(
@@ -217,43 +203,3 @@ def test_client_gone_during_restore(
     _, err = raw_restore(sqlite_server, frames(backup.path.read_bytes()))
     assert err is None
     assert sqlite_content(sqlite_db) == new
-
-
-def test_backup_during_a_restore_never_sees_a_half_restored_database(
-    pg_server: Server, pg_db: PgDatabase, tmp_path: Path
-) -> None:
-    pg_db.execute("CREATE TABLE t (x int); INSERT INTO t SELECT generate_series(1, 1000);")
-    with Client(pg_server.target, PASSWORD) as client:
-        archive = client.backup(tmp_path / "a.dump").path
-    holder = pg_db.connect()
-    holder.autocommit = False
-    holder.execute("SELECT count(*) FROM t")  # makes the restore wait for its lock
-    restore_result: list[BaseException | None] = []
-
-    def restore() -> None:
-        try:
-            with Client(pg_server.target, PASSWORD) as client:
-                client.restore(archive)
-            restore_result.append(None)
-        except BaseException as exc:
-            restore_result.append(exc)
-
-    runner = threading.Thread(target=restore)
-    runner.start()
-    deadline = time.monotonic() + 20
-    while "restore phase RESTORING" not in pg_server.log():
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    try:
-        with Client(pg_server.target, PASSWORD) as client:
-            client.backup(tmp_path / "during.dump")
-        outcome = "backed up"
-    except Busy as exc:
-        assert exc.reason == "DATABASE_BUSY"
-        outcome = "busy"
-    runner.join(30)
-    holder.close()
-    log = pg_server.log()
-    assert isinstance(restore_result[0], Busy)  # the lock holder made the restore give up
-    if outcome == "backed up":  # it waited for the restore to end before reading anything
-        assert log.index("Restore failed") < log.rindex("backup of")
