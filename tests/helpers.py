@@ -237,16 +237,21 @@ def held_before_trailer(
         yield item
 
 
-def wait_until_writing(db: Path, pid: int) -> None:
-    """Wait until process pid holds a write lock on db (SQLite's RESERVED or
-    PENDING lock, seen in /proc/locks): the replace has begun and waits for
-    the readers to leave."""
+def holds_write_lock(db: Path, pid: int) -> bool:
+    """Whether process pid holds a write lock on db (SQLite's RESERVED or
+    PENDING lock, as /proc/locks shows it): a writer has begun on db."""
     inode = db.stat().st_ino
-    deadline = time.monotonic() + 20
-    while not any(
+    return any(
         fields[3] == "WRITE" and fields[4] == str(pid) and fields[5].endswith(f":{inode}")
         for fields in (line.split() for line in Path("/proc/locks").read_text().splitlines())
         if len(fields) > 5
-    ):
+    )
+
+
+def wait_until_writing(db: Path, pid: int) -> None:
+    """Wait until process pid has begun to write db: a replace held by a
+    reader's transaction waits there holding its write lock."""
+    deadline = time.monotonic() + 20
+    while not holds_write_lock(db, pid):
         assert time.monotonic() < deadline, "the replace never began"
         time.sleep(0.02)
