@@ -76,7 +76,8 @@ class LyingService(pb_grpc.BackupServiceServicer):
                 )
             )
         yield from self._lie
-        if not self._with_manifest:
+        if not self._with_manifest:  # a whole backup, but for its missing manifest
+            yield pb.BackupResponse(chunk=b"where the manifest should be")
             yield pb.BackupResponse(chunk=CONTENT)
             yield pb.BackupResponse(trailer=_trailer(CONTENT))
 

@@ -245,6 +245,45 @@ def test_upload_over_limit_is_refused(tmp_path: Path, sqlite_db: Path) -> None:
         server.stop()
 
 
+def test_upload_limit_is_exact(tmp_path: Path, sqlite_db: Path) -> None:
+    """An upload of exactly --max-upload-bytes is restored; one byte more is
+    refused on the chunk that crosses the limit, before it is spooled."""
+    data = altered_copy(sqlite_db, tmp_path / "upload.sqlite")
+    server = start_server(
+        tmp_path, f"sqlite:///{sqlite_db}", PASSWORD, "--max-upload-bytes", str(len(data))
+    )
+    try:
+        before = sqlite_content(sqlite_db)
+        over = data + b"\0"
+        crossing = frames(over, chunk=len(over) - 2)  # the second chunk crosses, by 1 byte
+        _, err = raw_restore(server, crossing)
+        assert err is not None
+        assert error_reason(err) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "UPLOAD_TOO_LARGE",
+            "UNCHANGED",
+        )
+        assert sqlite_content(sqlite_db) == before
+        _, err = raw_restore(server, frames(data))
+        assert err is None
+        assert sqlite_content(sqlite_db) == sqlite_content(tmp_path / "upload.sqlite")
+    finally:
+        server.stop()
+
+
+def test_password_of_the_longest_length_is_accepted(tmp_path: Path, sqlite_db: Path) -> None:
+    """4096 bytes is the longest password compared; longer ones are refused unread."""
+    longest = "p" * 4096
+    server = start_server(tmp_path, f"sqlite:///{sqlite_db}", longest)
+    try:
+        with Client(server.target, longest) as client:
+            assert client.server_info().engine == "SQLite"
+        with Client(server.target, longest + "p") as client, pytest.raises(AuthenticationFailed):
+            client.server_info()
+    finally:
+        server.stop()
+
+
 def _wait_for(condition: Callable[[], bool], timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
