@@ -66,20 +66,24 @@ def test_restore_locked_past_the_lock_timeout_is_busy(sqlite_db: Path, tmp_path:
     assert sqlite_content(sqlite_db) == before
 
 
-def test_database_with_64k_pages_round_trips(sqlite_db: Path, tmp_path: Path) -> None:
-    big_pages = tmp_path / "big-pages.sqlite"
-    with sqlite3.connect(big_pages) as conn:
-        conn.execute("PRAGMA page_size = 65536")
+@pytest.mark.parametrize("page_size", [512, 65536])
+def test_databases_with_the_smallest_and_largest_pages_round_trip(
+    page_size: int, sqlite_db: Path, tmp_path: Path
+) -> None:
+    pages = tmp_path / f"pages-{page_size}.sqlite"
+    with sqlite3.connect(pages) as conn:
+        conn.execute(f"PRAGMA page_size = {page_size}")
         conn.execute("CREATE TABLE games (id INTEGER PRIMARY KEY, title TEXT)")
-        conn.execute("INSERT INTO games (title) VALUES ('sixty-four kibibytes a page')")
-    assert big_pages.read_bytes()[16:18] == b"\x00\x01"  # how SQLite writes 65536
+        conn.execute("INSERT INTO games (title) VALUES (?)", [f"{page_size} bytes a page"])
+    # SQLite writes 65536 as 1 in its header.
+    assert pages.read_bytes()[16:18] == (page_size if page_size < 65536 else 1).to_bytes(2, "big")
     server = start_server(tmp_path, f"sqlite:///{sqlite_db}", PASSWORD)
     try:
-        _, err = raw_restore(server, frames(big_pages.read_bytes()))
+        _, err = raw_restore(server, frames(pages.read_bytes()))
     finally:
         server.stop()
     assert err is None, err
-    assert sqlite_content(sqlite_db) == sqlite_content(big_pages)
+    assert sqlite_content(sqlite_db) == sqlite_content(pages)
 
 
 def _cut(whole: bytes) -> bytes:
