@@ -58,9 +58,7 @@ def passwords_compared(server: Server) -> int:
     assert port, server.log()
     with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/metrics", timeout=10) as page:
         scrape = page.read().decode()
-    found = re.search(
-        r'^safehold_auth_refusals_total\{reason="UNAUTHENTICATED"\} (\S+)$', scrape, re.M
-    )
+    found = re.search(r'^safehold_refusals_total\{reason="UNAUTHENTICATED"\} (\S+)$', scrape, re.M)
     return int(float(found.group(1))) if found else 0
 
 

@@ -224,8 +224,8 @@ def test_verify_finds_a_changed_byte_and_restore_refuses_it(
 def test_a_failed_backup_leaves_nothing_visible(
     repo: Repo, tmp_path: Path, fault: str, encrypted: bool
 ) -> None:
-    # 20 MiB: more than two multipart parts, so an S3 upload was under way. It starts
-    # as the SQLite file it is announced as, so the client's format check lets it in.
+    # 20 MiB: more than two multipart parts, so an S3 upload was under way. It starts as
+    # the SQLite file the manifest announces, so only the stream's end can refuse it.
     data = b"SQLite format 3\x00" + os.urandom(20 * 1024 * 1024)
     script = Script(data=data, **{fault: True})  # type: ignore[arg-type]
     recipient = str(pyrage.x25519.Identity.generate().to_public())

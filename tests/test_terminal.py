@@ -17,7 +17,7 @@ HOSTILE = "app\x1b[2J\x1b]0;owned\x07\u202e"
 
 def test_server_text_reaches_the_terminal_escaped(tmp_path: Path) -> None:
     db = make_sqlite_db(tmp_path / f"{HOSTILE}.sqlite")
-    pre_restore = tmp_path / f"pre-{HOSTILE}.sqlite"
+    pre_restore = tmp_path / f"pre-{HOSTILE}"  # the pre-restore backups' directory
     server = start_server(
         tmp_path,
         f"sqlite://{quote(str(db))}",

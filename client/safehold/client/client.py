@@ -31,16 +31,20 @@ import grpc
 import tenacity
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from safehold.client.credentials import check_tls, no_password, password_from
+from safehold.client.diagnose import explain
 from safehold.client.errors import (
+    BadLocalFile,
     ConnectionFailed,
     EngineMismatch,
     IncompleteBackup,
+    InsufficientPrivilege,
     InvalidBackup,
     SafeholdError,
     from_rpc_error,
 )
 from safehold.client.output import Destination, Sink, open_sink, plan, safe_name
-from safehold.contract import PASSWORD_METADATA_KEY, SERVICE_NAME, DatabaseState
+from safehold.contract import PASSWORD_METADATA_KEY, DatabaseState, Reason
 from safehold.formats import SNIFF_BYTES, engine_label, engine_of, file_suffix, sniff
 from safehold.streams import ChunksReader, as_binary, read_head
 from safehold.v1 import backup_service_pb2 as pb
@@ -57,11 +61,14 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class TlsOptions:
-    """Trust `ca` for the server (system roots if None); present cert/key when set."""
+    """Trust `ca` for the server (system roots if None); present cert/key when set.
+    `server_name` is the name to expect in the server's certificate when the target
+    address is not one of its names (e.g. a health check on 127.0.0.1)."""
 
     ca: Path | None = None
     cert: Path | None = None
     key: Path | None = None
+    server_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,10 @@ class ServerInfo:
     """What the operator should fix on the server side (e.g. a superuser role)."""
     pre_restore_directory: str = ""
     newest_pre_restore_backup: str = ""
+    database_location: str = ""
+    """Exactly which database: `postgresql user@host:port/name` or `sqlite /path`."""
+    restore_blockers: list[str] = field(default_factory=list)
+    """What would stop a restore before it starts; empty when one can go ahead."""
 
 
 @dataclass(frozen=True)
@@ -143,12 +154,13 @@ class Client:
         attempts: int = 4,
     ) -> None:
         self.target = target or os.environ.get("SAFEHOLD_TARGET") or DEFAULT_TARGET
-        password = password if password is not None else os.environ.get("SAFEHOLD_PASSWORD")
+        password = password if password is not None else password_from(None)
         if not password:
-            raise ValueError("no password: pass password= or set SAFEHOLD_PASSWORD")
+            raise no_password(" (or pass password=)")
         self._metadata = ((PASSWORD_METADATA_KEY, password),)
         self._connect_timeout = connect_timeout
         self._attempts = attempts
+        self._tls = tls
         self._channel = open_channel(self.target, tls)
         self._stub = pb_grpc.BackupServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -188,6 +200,8 @@ class Client:
                 warnings=list(reply.warnings),
                 pre_restore_directory=reply.pre_restore_directory,
                 newest_pre_restore_backup=reply.newest_pre_restore_backup,
+                database_location=reply.database_location,
+                restore_blockers=list(reply.restore_blockers),
             )
 
         return self._retrying(call)
@@ -274,10 +288,15 @@ class Client:
         another engine than the server's.
         """
         src = Path(src)
+        src = Path(src)
+        try:
+            size = src.stat().st_size
+        except OSError as exc:
+            raise BadLocalFile(f"cannot read {src}: {exc.strerror}; nothing was sent") from None
         return self._restore_from(
             str(src),
             lambda: open(src, "rb"),
-            src.stat().st_size,
+            size,
             allow_version_mismatch=allow_version_mismatch,
             terminate_blocking_sessions=terminate_blocking_sessions,
             on_progress=on_progress,
@@ -322,22 +341,8 @@ class Client:
         on_progress: ProgressCallback | None,
         on_notice: NoticeCallback | None,
     ) -> RestoreResult:
-        """Refuse, before sending a byte, what is no backup or is for another engine."""
-        with opener() as f:
-            engine = engine_of(sniff(read_head(f, SNIFF_BYTES)))
-        if engine == pb.ENGINE_UNSPECIFIED:
-            raise InvalidBackup(
-                f"{label} is not a backup (neither a SQLite file nor a pg_dump archive or "
-                "script); nothing was sent",
-                database_state=DatabaseState.UNCHANGED,
-            )
-        info = self.server_info()
-        if info.engine != engine_label(engine):
-            raise EngineMismatch(
-                f"{label} is a {engine_label(engine)} backup but the server's database is "
-                f"{info.engine}; nothing was sent",
-                database_state=DatabaseState.UNCHANGED,
-            )
+        """Check what is to be sent (see _check_backup), then send it."""
+        engine = self._check_backup(label, opener)
         header = pb.RestoreHeader(
             engine=engine,
             expected_size_bytes=size,
@@ -345,6 +350,44 @@ class Client:
             terminate_blocking_sessions=terminate_blocking_sessions,
         )
         return self._retrying(lambda: self._restore_once(opener, header, on_progress, on_notice))
+
+    def check_backup_file(self, src: Path) -> pb.Engine.ValueType:
+        """Refuse, before a byte is sent, a file that is missing, is no backup, is for
+        another engine than the server's, or that the server could not restore (the
+        CLI asks this before its confirmation prompt)."""
+        return self._check_backup(str(src), lambda: open(src, "rb"))
+
+    def _check_backup(self, label: str, opener: Opener) -> pb.Engine.ValueType:
+        """The engine of what opener opens, refused before a byte is sent when it
+        cannot be read, is no backup, is for another engine than the server's, or
+        the server could not restore it."""
+        try:
+            with opener() as f:
+                engine = engine_of(sniff(read_head(f, SNIFF_BYTES)))
+        except OSError as exc:
+            raise BadLocalFile(f"cannot read {label}: {exc.strerror}; nothing was sent") from None
+        if engine == pb.ENGINE_UNSPECIFIED:
+            raise InvalidBackup(
+                f"{label} is not a backup (neither a SQLite file nor a pg_dump archive or script); "
+                "nothing was sent",
+                reason=Reason.NOT_A_BACKUP,
+                database_state=DatabaseState.UNCHANGED,
+            )
+        info = self.server_info()
+        if info.engine != engine_label(engine):
+            raise EngineMismatch(
+                f"{label} is a {engine_label(engine)} backup but the server's database is "
+                f"{info.engine}; nothing was sent",
+                reason=Reason.ENGINE_MISMATCH,
+                database_state=DatabaseState.UNCHANGED,
+            )
+        if info.restore_blockers:
+            raise InsufficientPrivilege(
+                "; ".join(info.restore_blockers) + "; nothing was sent",
+                reason=Reason.INSUFFICIENT_PRIVILEGE,
+                database_state=DatabaseState.UNCHANGED,
+            )
+        return engine
 
     def backup_to(
         self,
@@ -362,6 +405,7 @@ class Client:
 
         def once() -> Manifest:
             with self._backup_call(request) as (manifest, responses):
+                _check_manifest(manifest)
                 artefact = Artefact(
                     engine=engine_label(manifest.engine),
                     engine_version=manifest.engine_version,
@@ -405,8 +449,10 @@ class Client:
                 checked = _FormatCheck(sink, manifest.dump_format)
                 stream = _BackupStream(responses, on_progress)
                 try:
-                    while chunk := stream.read(UPLOAD_CHUNK_BYTES):
-                        checked.write(chunk)
+                    # Unbuffered: each chunk goes on as it arrives (a stream's reader sees
+                    # it at once, and what it was given is known if the call breaks).
+                    while data := stream.read(UPLOAD_CHUNK_BYTES):
+                        checked.write(data)
                 except ConnectionFailed as err:
                     # A stream cannot take back what it was given: never send it twice.
                     err.retryable = err.retryable and not (dest.streams and checked.passed_on)
@@ -488,28 +534,39 @@ class Client:
 
     def _wait_until_connected(self) -> None:
         """Ask the health service, waiting up to connect_timeout for the server,
-        so that an unreachable server is an error, not a hang."""
+        so that an unreachable server is an error, not a hang. The server's own
+        status, not BackupService's: a database that is down is for the call to
+        report (DATABASE_UNAVAILABLE, with the server's reason), not a lost server."""
         try:
             reply = self._health.Check(
-                health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                health_pb2.HealthCheckRequest(),
                 timeout=self._connect_timeout,
                 wait_for_ready=True,
             )
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise from_rpc_error(err) from None
-            raise ConnectionFailed(
-                f"cannot reach the safehold server at {self.target} within "
-                f"{self._connect_timeout:g}s: check the address and that it is running",
-                reason="UNAVAILABLE",
-                code=grpc.StatusCode.UNAVAILABLE,
-            ) from None
+            raise self.unreachable() from None
         if reply.status != health_pb2.HealthCheckResponse.SERVING:
             raise ConnectionFailed(
                 f"the safehold server at {self.target} is not serving (shutting down?)",
                 reason="UNAVAILABLE",
                 code=grpc.StatusCode.UNAVAILABLE,
             )
+
+    def unreachable(self) -> ConnectionFailed:
+        """The error for a server not reached within connect_timeout, saying why when a
+        probe can tell (nothing listening, TLS on one side only, no client certificate).
+        Not retried: the time it names is the time it took."""
+        why = explain(self.target, self._tls)
+        error = ConnectionFailed(
+            f"cannot reach the safehold server at {self.target} within "
+            f"{self._connect_timeout:g}s: " + (why or "check the address and that it is running"),
+            reason="UNAVAILABLE",
+            code=grpc.StatusCode.UNAVAILABLE,
+        )
+        error.retryable = False
+        return error
 
     @staticmethod
     def _call(fn: Callable[[], T]) -> T:
@@ -640,12 +697,15 @@ def _safe_to_retry(exc: BaseException) -> bool:
 
 def open_channel(target: str, tls: TlsOptions | None) -> grpc.Channel:
     """A channel to target: plaintext, or TLS (with a client certificate when given)."""
-    options: Sequence[tuple[str, int]] = [
+    options: list[tuple[str, int | str]] = [
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_permit_without_calls", 0),
     ]
     if tls is None:
         return grpc.insecure_channel(target, options=options)
+    check_tls(tls.ca, tls.cert, tls.key)
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
     credentials = grpc.ssl_channel_credentials(
         root_certificates=tls.ca.read_bytes() if tls.ca else None,
         private_key=tls.key.read_bytes() if tls.key else None,

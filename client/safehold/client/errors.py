@@ -77,6 +77,38 @@ class Busy(SafeholdError):
     """Another restore is running, or the database is locked: retry later."""
 
 
+class DatabaseUnavailable(SafeholdError):
+    """The server cannot connect to its database (down, or wrong password in its
+    configuration): retrying does not help until the operator fixes that."""
+
+
+class InsufficientPrivilege(SafeholdError):
+    """The server's database role lacks a right a restore needs; the message names it."""
+
+
+class BadLocalFile(SafeholdError):
+    """A file given to the client is missing or unreadable; nothing was sent."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(
+            message, reason=Reason.FILE_NOT_READABLE, database_state=DatabaseState.UNCHANGED
+        )
+
+
+class TlsConfigError(SafeholdError):
+    """The client's TLS files are incomplete, unreadable or do not fit together."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason=Reason.TLS_MISCONFIGURED)
+
+
+class NoPassword(SafeholdError):
+    """No password was given, and none was found where the client looks for one."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason=Reason.NO_PASSWORD)
+
+
 class LimitExceeded(SafeholdError):
     """The upload is over the server's limit, or the server ran out of space."""
 
@@ -105,7 +137,8 @@ _BY_REASON: dict[str, type[SafeholdError]] = {
     Reason.CHECKSUM_MISMATCH: IntegrityError,
     Reason.RESTORE_IN_PROGRESS: Busy,
     Reason.DATABASE_BUSY: Busy,
-    Reason.DATABASE_UNAVAILABLE: Busy,
+    Reason.DATABASE_UNAVAILABLE: DatabaseUnavailable,
+    Reason.INSUFFICIENT_PRIVILEGE: InsufficientPrivilege,
     Reason.UPLOAD_TOO_LARGE: LimitExceeded,
     Reason.TOO_MANY_BACKUPS: Busy,
     Reason.TOO_MANY_ATTEMPTS: AuthenticationFailed,

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from safehold.client.client import Client, ProgressCallback, RestoreResult
-from safehold.client.errors import VerificationFailed
+from safehold.client.errors import EngineMismatch, VerificationFailed
+from safehold.contract import DatabaseState, Reason
 from safehold.repository import (
     Manifest,
     Policy,
@@ -58,8 +59,9 @@ def backup(client: Client, args: argparse.Namespace, progress: ProgressCallback 
     )
 
 
-def restorer(args: argparse.Namespace) -> tuple[str, Restorer]:
-    """What `restore` will send, as (a name for it, a call that restores it).
+def restorer(args: argparse.Namespace, client: Client) -> tuple[str, Restorer]:
+    """What `restore` will send, as (a name for it, a call that restores it),
+    checked against the server before anyone is asked to confirm.
 
     A file without a manifest beside it is restored as a plain file, as before
     repositories; anything else goes through its repository, checked against its
@@ -74,8 +76,17 @@ def restorer(args: argparse.Namespace) -> tuple[str, Restorer]:
         manifest = repository.get(name)
     else:
         path = Path(args.file)
+        client.check_backup_file(path)
         return str(path), lambda client, **options: client.restore(path, **options)
     label = f"{repository.location}/{manifest.name}"
+    server = client.server_info().engine
+    if manifest.engine != server:
+        raise EngineMismatch(
+            f"{label} is a {manifest.engine} backup but the server's database is {server}; "
+            "nothing was sent",
+            reason=Reason.ENGINE_MISMATCH,
+            database_state=DatabaseState.UNCHANGED,
+        )
 
     def restore(client: Client, **options: Any) -> RestoreResult:
         return client.restore_backup(repository, manifest, identities=identities, **options)

@@ -13,6 +13,7 @@ import logging
 import signal
 import sqlite3
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from safehold import tlsfiles
 from safehold.contract import SERVICE_NAME
 from safehold.server import config as config_module
 from safehold.server import logs
@@ -28,6 +30,7 @@ from safehold.server.capacity import CapacityInterceptor, groups, workers
 from safehold.server.config import Config, SqliteTarget
 from safehold.server.engines import open_engine
 from safehold.server.errors import SafeholdError
+from safehold.server.health_watch import DatabaseHealth
 from safehold.server.keeper import Keeper
 from safehold.server.metrics import Metrics
 from safehold.server.servicer import BackupServicer
@@ -67,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         config = config_module.load(args)
         logs.configure(json_lines=config.log_json)
         _prepare(config)
-        server, servicer, health_servicer, port = build(config)
+        server, servicer, database_health, port = build(config)
         for path in servicer.pre_restore.remove_partials():
             log.info("removed a partial pre-restore backup from an earlier run: %s", path)
     except (config_module.ConfigError, OSError) as exc:
@@ -84,26 +87,32 @@ def run(args: argparse.Namespace) -> int:
             "listening on all interfaces without TLS: passwords and backups cross the "
             "network in clear text; set --tls-cert and --tls-key"
         )
+    database_health.start()
     log.info(
         "safehold listening on %s (port %d), database %s",
         config.listen,
         port,
-        _describe_target(config),
+        config.target.describe(),
     )
     stop.wait()
     grace = config.shutdown_grace_seconds
     log.info("stopping: refusing new calls, %gs grace for running ones", grace)
-    health_servicer.enter_graceful_shutdown()
+    # Health answers NOT_SERVING while running calls drain, rather than the
+    # connection being refused: a load balancer sees the server leaving.
+    database_health.enter_graceful_shutdown()
     servicer.begin_shutdown()
+    started = time.monotonic()
     if servicer.keeper:
         servicer.keeper.stop(grace)
-    server.stop(grace).wait()
+    servicer.wait_idle(max(0.0, grace - (time.monotonic() - started)))
+    server.stop(max(0.0, grace - (time.monotonic() - started))).wait()
     log.info("stopped")
     return 0
 
 
-def build(config: Config) -> tuple[grpc.Server, BackupServicer, health.HealthServicer, int]:
-    """A bound, not yet started server with the service, health and reflection."""
+def build(config: Config) -> tuple[grpc.Server, BackupServicer, DatabaseHealth, int]:
+    """A bound, not yet started server with the service, health and reflection,
+    and the probe that keeps BackupService's health true to its database."""
     engine = open_engine(config)
     with contextlib.suppress(SafeholdError):  # a database not up yet is no reason to stop
         for warning in engine.info().warnings:
@@ -141,12 +150,18 @@ def build(config: Config) -> tuple[grpc.Server, BackupServicer, health.HealthSer
             server,
         )
     port = _bind(server, config)
-    return server, servicer, health_servicer, port
+    probe = DatabaseHealth(engine.check, health_servicer, config.health_interval_seconds)
+    return server, servicer, probe, port
 
 
 def _bind(server: grpc.Server, config: Config) -> int:
     credentials = None
     if config.tls:
+        try:
+            tlsfiles.check_pair(config.tls.cert, config.tls.key, "server")
+            tlsfiles.check_ca(config.tls.client_ca, "client CA")
+        except tlsfiles.TlsFileError as exc:
+            raise config_module.ConfigError(str(exc)) from None
         client_ca = config.tls.client_ca.read_bytes() if config.tls.client_ca else None
         credentials = grpc.ssl_server_credentials(
             [(config.tls.key.read_bytes(), config.tls.cert.read_bytes())],
@@ -198,10 +213,3 @@ def _ensure_sqlite_file(path: Path, data_dir: Path) -> None:
     log.info("creating the embedded SQLite database %s", path)
     sqlite3.connect(path).close()
     path.chmod(0o600)
-
-
-def _describe_target(config: Config) -> str:
-    target = config.target
-    if isinstance(target, SqliteTarget):
-        return f"sqlite {target.path}"
-    return f"postgresql {target.user}@{target.host}:{target.port}/{target.dbname}"

@@ -101,7 +101,7 @@ class PasswordInterceptor(Interceptor):
         error: Unauthenticated | TooManyAttempts,
     ) -> None:
         self._metrics.refused(error.reason)
-        self._refusals.refused(key, why)
+        self._refusals.refused(key, why, error.reason.value)
         context.abort_with_status(error.to_status())
 
     def _accepts(self, metadata: Any) -> bool:

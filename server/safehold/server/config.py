@@ -2,7 +2,9 @@
 
 A flag wins over its SAFEHOLD_* variable, which wins over GameVault's DB_*
 variables, which win over the embedded default (a SQLite file in the data
-dir). The password is never a flag: it would show in `ps`.
+dir). With a database URL given, no DB_* value is used at all; with any DB_*
+variable set, the embedded default never is. The password is never a flag:
+it would show in `ps`.
 """
 
 from __future__ import annotations
@@ -41,12 +43,20 @@ class PostgresTarget:
     user: str
     dbname: str
 
+    def describe(self) -> str:
+        """Engine, role, host:port/name: exactly where the backups come from."""
+        return f"postgresql {self.user}@{self.host}:{self.port}/{self.dbname}"
+
 
 @dataclass(frozen=True)
 class SqliteTarget:
     """Path of the live SQLite database file."""
 
     path: Path
+
+    def describe(self) -> str:
+        """Engine and file: exactly where the backups come from."""
+        return f"sqlite {self.path}"
 
 
 @dataclass(frozen=True)
@@ -75,11 +85,14 @@ class Config:
     shutdown_grace_seconds: float
     stall_timeout_seconds: float
     inspect_timeout_seconds: float
+    restore_timeout_seconds: float
     max_concurrent_backups: int
     log_json: bool
     metrics_listen: str | None
     reflection: bool = False
     health_listen: str | None = None
+    health_interval_seconds: float = 10.0
+    """How often BackupService's health probes the database."""
     repository: schedule.RepositorySettings | None = None
 
 
@@ -180,9 +193,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "default 600 " + env % "SAFEHOLD_INSPECT_TIMEOUT",
     )
     parser.add_argument(
+        "--restore-timeout",
+        type=float,
+        help="end a PostgreSQL replace that runs longer (rolled back), default 21600 (6 h); "
+        "0 never " + env % "SAFEHOLD_RESTORE_TIMEOUT",
+    )
+    parser.add_argument(
         "--metrics-listen",
         help="serve Prometheus metrics on host:port, e.g. 127.0.0.1:9464; off by default "
         + env % "SAFEHOLD_METRICS_LISTEN",
+    )
+    parser.add_argument(
+        "--health-interval",
+        type=float,
+        help="seconds between probes of the database for BackupService's health, "
+        "default 10 " + env % "SAFEHOLD_HEALTH_INTERVAL",
     )
     parser.add_argument(
         "--log-json",
@@ -207,10 +232,14 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
             "--database-url carries a password, which every user sees in `ps`: put the URL "
             "in SAFEHOLD_DATABASE_URL, or the password in SAFEHOLD_PASSWORD or --password-file"
         )
-    url = pick(args.database_url, "DATABASE_URL") or _gamevault_url(environ)
+    url = pick(args.database_url, "DATABASE_URL")
+    gamevault_url = None if url else _gamevault_url(environ)
+    url = url or gamevault_url
     target, url_password = (
         parse_database_url(url) if url else (SqliteTarget(data_dir / EMBEDDED_SQLITE_NAME), None)
     )
+    if gamevault_url and isinstance(target, PostgresTarget):
+        url_password = environ.get("DB_PASSWORD") or GAMEVAULT_DEFAULTS["DB_PASSWORD"]
     password = _password(args, environ, url_password, target, data_dir)
     _check_metadata_safe(password)
     cert, key = pick(args.tls_cert, "TLS_CERT"), pick(args.tls_key, "TLS_KEY")
@@ -268,10 +297,14 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         inspect_timeout_seconds=_non_negative(
             pick(args.inspect_timeout, "INSPECT_TIMEOUT") or "600", "inspect timeout", float
         ),
+        restore_timeout_seconds=_non_negative(
+            pick(args.restore_timeout, "RESTORE_TIMEOUT") or "21600", "restore timeout", float
+        ),
         log_json=_flag(pick(args.log_json, "LOG_JSON")),
         metrics_listen=pick(args.metrics_listen, "METRICS_LISTEN"),
         reflection=_flag(pick(args.reflection, "REFLECTION")),
         health_listen=health_listen,
+        health_interval_seconds=_health_interval(pick(args.health_interval, "HEALTH_INTERVAL")),
         repository=_repository_settings(args, environ),
     )
 
@@ -312,19 +345,45 @@ def parse_database_url(url: str) -> tuple[PostgresTarget | SqliteTarget, str | N
     )
 
 
+GAMEVAULT_DEFAULTS = {
+    "DB_SYSTEM": "POSTGRESQL",
+    "DB_HOST": "localhost",
+    "DB_PORT": "5432",
+    "DB_USERNAME": "default",
+    "DB_PASSWORD": "default",
+    "DB_DATABASE": "gamevault",
+    "VOLUMES_SQLITEDB": "/db",
+}
+"""GameVault's own defaults for its database variables, as its configuration docs list them."""
+
+_GAMEVAULT_TRIGGERS = (
+    "DB_SYSTEM",
+    "DB_HOST",
+    "DB_PORT",
+    "DB_USERNAME",
+    "DB_PASSWORD",
+    "DB_DATABASE",
+)
+
+
 def _gamevault_url(environ: Mapping[str, str]) -> str | None:
-    """A database URL from GameVault's DB_* variables, so safehold can share its env."""
-    system = environ.get("DB_SYSTEM", "").upper()
+    """A database URL from GameVault's DB_* variables, read the way GameVault reads
+    them: any of them set means GameVault's configuration, and what is unset takes
+    GameVault's default (DB_SYSTEM unset is POSTGRESQL), never safehold's own file."""
+    if not any(name in environ for name in _GAMEVAULT_TRIGGERS):
+        return None
+
+    def value(name: str) -> str:
+        return environ.get(name) or GAMEVAULT_DEFAULTS[name]
+
+    system = value("DB_SYSTEM").upper()
     if system == "SQLITE":
-        volume = environ.get("VOLUMES_SQLITEDB", "/db")
-        return f"sqlite:///{Path(volume) / 'database.sqlite'}"
+        return f"sqlite:///{Path(value('VOLUMES_SQLITEDB')) / 'database.sqlite'}"
     if system in ("POSTGRESQL", "POSTGRES"):
-        user = quote(environ.get("DB_USERNAME", "default"), safe="")
-        host = environ.get("DB_HOST", "localhost")
-        port = environ.get("DB_PORT", "5432")
-        db = quote(environ.get("DB_DATABASE", "gamevault"), safe="")
-        return f"postgresql://{user}@{host}:{port}/{db}"
-    return None
+        user = quote(value("DB_USERNAME"), safe="")
+        db = quote(value("DB_DATABASE"), safe="")
+        return f"postgresql://{user}@{value('DB_HOST')}:{value('DB_PORT')}/{db}"
+    raise ConfigError(f"DB_SYSTEM must be POSTGRESQL or SQLITE, not {system!r}")
 
 
 def _password(
@@ -346,7 +405,7 @@ def _password(
         if not password:
             raise ConfigError(f"password file {file} is empty: callers could not authenticate")
         return password
-    for value in (environ.get("SAFEHOLD_PASSWORD"), url_password, environ.get("DB_PASSWORD")):
+    for value in (environ.get("SAFEHOLD_PASSWORD"), url_password):
         if value:
             return value
     if isinstance(target, PostgresTarget):
@@ -407,6 +466,14 @@ def _flag(text: str | None) -> bool:
 def _default_data_dir(environ: Mapping[str, str]) -> Path:
     base = environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "safehold"
+
+
+def _health_interval(text: str | None) -> float:
+    """At least a tenth of a second: a zero would probe the database in a busy loop."""
+    value = _non_negative(text or "10", "health interval", float)
+    if value < 0.1:
+        raise ConfigError("health interval must be at least 0.1 seconds")
+    return value
 
 
 def _non_negative(text: str, what: str, kind: Callable[[str], N]) -> N:

@@ -85,6 +85,13 @@ class VersionMismatch(SafeholdError):
     reason = Reason.VERSION_MISMATCH
 
 
+class InsufficientPrivilege(SafeholdError):
+    """The database role lacks a right the restore needs; the message names it."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = Reason.INSUFFICIENT_PRIVILEGE
+
+
 class NotABackup(SafeholdError):
     code = grpc.StatusCode.INVALID_ARGUMENT
     reason = Reason.NOT_A_BACKUP

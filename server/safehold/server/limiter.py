@@ -139,37 +139,45 @@ class RefusalLog:
         self._pending = False
         self._counts: dict[str, int] = {}
         self._addresses: set[str] = set()
+        self._reasons: set[str] = set()
 
-    def refused(self, key: str, why: str) -> None:
-        """Count one refusal of why ("wrong password", "throttled") from key."""
+    def refused(self, key: str, why: str, reason: str = "") -> None:
+        """Count one refusal of why ("wrong password", "throttled") from key; reason
+        (an ErrorInfo reason) goes into the summary line's own field."""
         now = self._clock()
         with self._lock:
             self._counts[why] = self._counts.get(why, 0) + 1
             self._addresses.add(key)
+            if reason:
+                self._reasons.add(reason)
             if self._last is not None and now - self._last < self._every:
                 if not self._pending:
                     self._pending = True
                     self._schedule(self._every - (now - self._last), self.flush)
                 return
-            line = self._take(now)
-        log.warning("%s", line)
+            line, fields = self._take(now)
+        log.warning("%s", line, extra=fields)
 
     def flush(self) -> None:
         """Log what was counted since the last line, if anything."""
         with self._lock:
             self._pending = False
-            line = self._take(self._clock()) if self._counts else None
-        if line:
-            log.warning("%s", line)
+            taken = self._take(self._clock()) if self._counts else None
+        if taken:
+            log.warning("%s", taken[0], extra=taken[1])
 
-    def _take(self, now: float) -> str:
+    def _take(self, now: float) -> tuple[str, dict[str, str]]:
+        """The summary line, and its details as fields of their own (JSON logs)."""
         counts = ", ".join(f"{n} {reason}" for reason, n in sorted(self._counts.items()))
         addresses = sorted(self._addresses)
         more = f" and {len(addresses) - 5} more" if len(addresses) > 5 else ""
+        fields = {"reason": ",".join(sorted(self._reasons)), "peer": ", ".join(addresses[:5])}
         self._last = now
         self._counts.clear()
         self._addresses.clear()
-        return f"refused {self._subject}: {counts} (from {', '.join(addresses[:5])}{more})"
+        self._reasons.clear()
+        line = f"refused {self._subject}: {counts} (from {', '.join(addresses[:5])}{more})"
+        return line, fields
 
 
 def _later(seconds: float, action: Callable[[], None]) -> None:

@@ -77,9 +77,17 @@ def _serves(operation: str | None) -> Callable[[Method], Method]:
                 context.send_initial_metadata(((REQUEST_ID_KEY, request_id.get()),))
                 if operation:
                     self._metrics.started(operation)
-                yield from method(self, request, context)
+                with self._calls.running(operation):
+                    yield from method(self, request, context)
             except SafeholdError as err:
-                log.warning("%s failed: %s [%s]", method.__name__, err.describe(), err.reason)
+                log.warning(
+                    "%s failed: %s [%s] (peer %s)",
+                    method.__name__,
+                    err.describe(),
+                    err.reason,
+                    context.peer(),
+                    extra={"reason": err.reason.value, "peer": context.peer()},
+                )
                 if operation:
                     self._metrics.failed(operation, err.reason)
                 context.abort_with_status(err.to_status())
@@ -126,10 +134,15 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
         self.pre_restore = PreRestoreHistory.from_setting(
             config.pre_restore_path, config.data_dir, engine.file_suffix, config.keep_pre_restore
         )
+        self._calls = _RunningCalls(metrics)
 
     def begin_shutdown(self) -> None:
         """Refuse new work; running calls finish within the server's grace period."""
         self._stopping.set()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no backup or restore runs, at most timeout; whether none does."""
+        return self._calls.wait_idle(timeout)
 
     def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
@@ -154,6 +167,8 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
             warnings=info.warnings,
             pre_restore_directory=str(self.pre_restore.directory),
             newest_pre_restore_backup=str(newest) if newest else "",
+            database_location=self._config.target.describe(),
+            restore_blockers=info.restore_blockers,
         )
 
     @_serves("backup")
@@ -271,6 +286,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
                 self._refuse_when_stopping()
                 digest.update(chunk)
                 sent[0] += len(chunk)
+                self._metrics.moved("backup", len(chunk))
                 yield pb.BackupResponse(chunk=chunk)
         elapsed = time.monotonic() - started
         log.info(
@@ -279,8 +295,9 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
             sent[0],
             digest.hexdigest(),
             elapsed,
+            extra={"bytes": sent[0], "sha256": digest.hexdigest(), "seconds": round(elapsed, 3)},
         )
-        self._metrics.finished("backup", sent[0], elapsed)
+        self._metrics.finished("backup", elapsed)
         yield pb.BackupResponse(trailer=pb.Digest(size_bytes=sent[0], sha256=digest.digest()))
 
     @_serves("restore")
@@ -309,7 +326,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
             raise RestoreInProgress("another restore is running; try again when it has finished")
         replaced = False
         try:
-            log.info("restore started from %s", context.peer())
+            log.info("restore started from %s", context.peer(), extra={"peer": context.peer()})
             with Spool(self._config.spool_dir, self._config.max_upload_bytes) as spool:
                 yield from self._receive(requests, spool, header, context)
                 requests.stop()
@@ -346,8 +363,13 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
                 seconds = time.monotonic() - started
                 elapsed = duration_pb2.Duration()
                 elapsed.FromTimedelta(timedelta(seconds=seconds))
-                log.info("restore finished: %d bytes in %.1fs", spool.size, seconds)
-                self._metrics.finished("restore", spool.size, seconds)
+                log.info(
+                    "restore finished: %d bytes in %.1fs",
+                    spool.size,
+                    seconds,
+                    extra={"bytes": spool.size, "seconds": round(seconds, 3)},
+                )
+                self._metrics.finished("restore", seconds)
                 yield _phase(pb.RESTORE_PHASE_DONE, spool.size, spool.size)
                 yield pb.RestoreResponse(
                     result=pb.RestoreResult(
@@ -407,6 +429,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
             if kind == "chunk":
                 self._refuse_when_stopping()
                 spool.write(request.chunk)
+                self._metrics.moved("restore", len(request.chunk))
                 if spool.size - reported >= PROGRESS_EVERY_BYTES:
                     reported = spool.size
                     yield _progress(pb.RESTORE_PHASE_RECEIVING, spool.size, total)
@@ -453,6 +476,36 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
             ) from None
 
 
+class _RunningCalls:
+    """How many backups and restores run, so that a stopping server can wait for them."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._cond = threading.Condition()
+        self._count = 0
+
+    @contextlib.contextmanager
+    def running(self, operation: str | None) -> Iterator[None]:
+        if operation is None:
+            yield
+            return
+        with self._cond:
+            self._count += 1
+        try:
+            with self._metrics.running(operation):
+                yield
+        finally:
+            with self._cond:
+                self._count -= 1
+                self._cond.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._cond:
+            if self._count:
+                log.info("waiting up to %gs for %d running call(s)", timeout, self._count)
+            return self._cond.wait_for(lambda: self._count == 0, timeout)
+
+
 def _still_wanted(context: grpc.ServicerContext) -> None:
     """Touch nothing for a caller that has gone (cancelled, disconnected, out of time)."""
     if not context.is_active() or context.time_remaining() <= 0:
@@ -460,15 +513,21 @@ def _still_wanted(context: grpc.ServicerContext) -> None:
 
 
 def _next_frame(requests: IdleWatchdog[pb.RestoreRequest]) -> pb.RestoreRequest | None:
-    """The next frame, None at the end of the stream; a vanished client is Cancelled."""
+    """The next frame, None at the end of the stream; a vanished client is Cancelled.
+
+    When the idle watchdog has cancelled the call, gRPC may end the request
+    stream either way (an error, or a plain end): both are the abandoned upload."""
     try:
-        return next(requests, None)
+        frame = next(requests, None)
     except grpc.RpcError:
-        if requests.fired:
-            raise Cancelled(
-                f"the client sent nothing for {requests.timeout:g}s; the upload was abandoned"
-            ) from None
-        raise Cancelled("the client went away during the upload") from None
+        frame = None
+        if not requests.fired:
+            raise Cancelled("the client went away during the upload") from None
+    if requests.fired:
+        raise Cancelled(
+            f"the client sent nothing for {requests.timeout:g}s; the upload was abandoned"
+        )
+    return frame
 
 
 def _phase(

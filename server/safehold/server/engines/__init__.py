@@ -40,6 +40,8 @@ class EngineInfo:
     tool_versions: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     """What the operator should fix, such as a role with more rights than it needs."""
+    restore_blockers: list[str] = field(default_factory=list)
+    """What would stop a restore before it starts (e.g. a schema the role does not own)."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,11 @@ class Engine(Protocol):
 
     def info(self) -> EngineInfo:
         """Describe the engine and the database."""
+        ...
+
+    def check(self) -> None:
+        """Reach the database cheaply, as the configured role; raise DatabaseUnavailable
+        when it cannot be reached or authenticated. Health probes call it."""
         ...
 
     def backup(self, compression_level: int | None) -> AbstractContextManager[Iterator[bytes]]:
@@ -102,7 +109,12 @@ def open_engine(config: Config) -> Engine:
     if isinstance(config.target, PostgresTarget):
         from safehold.server.engines.postgres import PostgresEngine
 
-        return PostgresEngine(config.target, config.password, config.lock_timeout_seconds)
+        return PostgresEngine(
+            config.target,
+            config.password,
+            config.lock_timeout_seconds,
+            restore_timeout=config.restore_timeout_seconds,
+        )
     from safehold.server.engines.sqlite import SqliteEngine
 
     return SqliteEngine(

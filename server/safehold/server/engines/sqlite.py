@@ -29,6 +29,7 @@ from safehold.server.engines import EngineInfo, Notice, Notify, RestoreOptions, 
 from safehold.server.errors import (
     BackupFailed,
     DatabaseBusy,
+    DatabaseUnavailable,
     EngineMismatch,
     NotABackup,
     RestoreFailed,
@@ -72,6 +73,16 @@ class SqliteEngine:
             size_bytes=size,
             tool_versions={"sqlite": sqlite3.sqlite_version},
         )
+
+    def check(self) -> None:
+        try:
+            with contextlib.closing(_connect_file(self._path, "ro")) as db:
+                db.execute("PRAGMA busy_timeout = 2000")
+                db.execute("SELECT count(*) FROM sqlite_schema").fetchone()
+        except sqlite3.Error as exc:
+            raise DatabaseUnavailable(
+                f"cannot read the SQLite database {self._path}: {exc}"
+            ) from None
 
     @contextlib.contextmanager
     def backup(self, compression_level: int | None) -> Iterator[Iterator[bytes]]:

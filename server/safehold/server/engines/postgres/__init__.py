@@ -9,8 +9,9 @@ lexer that lets no meta-command or transaction control through
 
 The package, by concern: tools.py (which tools, their versions, each child's
 environment), archive.py (what a dump says about itself), ownership.py (owners
-and grantees this server can take), script_guard.py and session.py (the
-replay and its transaction).
+and grantees this server can take), privileges.py (what the role needs for an
+owner-only restore), script_guard.py and session.py (the replay and its
+transaction).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import contextlib
 import logging
 import re
 import subprocess
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from safehold.server.engines import (
 )
 from safehold.server.engines.postgres.archive import DumpHeader, major_of, read_header
 from safehold.server.engines.postgres.ownership import ownership_flags
+from safehold.server.engines.postgres.privileges import restore_blockers
 from safehold.server.engines.postgres.script_guard import ScriptGuard, UnsafeScript
 from safehold.server.engines.postgres.session import Replay, TransactionEscaped
 from safehold.server.engines.postgres.tools import (
@@ -52,6 +55,7 @@ from safehold.server.errors import (
     DatabaseBusy,
     DatabaseUnavailable,
     EngineMismatch,
+    InsufficientPrivilege,
     NotABackup,
     RestoreFailed,
     VersionMismatch,
@@ -96,10 +100,18 @@ class PostgresEngine:
     dump_format = pb.DUMP_FORMAT_PG_CUSTOM
     file_suffix = ".dump"
 
-    def __init__(self, target: PostgresTarget, password: str, lock_timeout: float) -> None:
+    def __init__(
+        self,
+        target: PostgresTarget,
+        password: str,
+        lock_timeout: float,
+        *,
+        restore_timeout: float = 0,
+    ) -> None:
         self._target = target
         self._password = password
         self._lock_timeout = lock_timeout
+        self._restore_timeout = restore_timeout
         self._tools = Tools()
 
     def info(self) -> EngineInfo:
@@ -107,6 +119,7 @@ class PostgresEngine:
             row = db.execute(
                 "SELECT current_setting('server_version'), pg_database_size(current_database())"
             ).fetchone()
+            blockers = restore_blockers(db)
         assert row is not None
         version = str(row[0]).split()[0]
         self._tools.select_for(version)
@@ -116,7 +129,12 @@ class PostgresEngine:
             size_bytes=int(row[1]),
             tool_versions={**self._tools.describe(), "psql (minimum)": MINIMUM_PSQL},
             warnings=self.role_warnings(),
+            restore_blockers=blockers,
         )
+
+    def check(self) -> None:
+        with self._connect() as db:
+            db.execute("SELECT 1")
 
     def role_warnings(self) -> list[str]:
         """What the role may do beyond its database: a restored dump runs with it."""
@@ -160,6 +178,10 @@ class PostgresEngine:
 
     def inspect(self, path: Path, options: RestoreOptions) -> list[Notice]:
         header = self._read_header(path)
+        with self._connect() as db:
+            blockers = restore_blockers(db)
+        if blockers:
+            raise InsufficientPrivilege("; ".join(blockers))
         if header.dump_format == pb.DUMP_FORMAT_PG_PLAIN:
             with open(path, "rb") as script:
                 _check_script(read_chunks(script), archive=False)
@@ -177,37 +199,69 @@ class PostgresEngine:
         flags = ownership_flags(self._tools, path, self._connect, notify) if archive else []
         with child(argv, self._env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE) as psql:
             session = Replay(psql)
-            committed = False
-            try:
-                session.open(preamble)
-                if archive:
-                    self._replay_archive(session, path, flags)
-                else:
-                    with open(path, "rb") as script:
-                        session.replay(read_chunks(script), archive=False)
-                committed = session.commit()
-            except BrokenPipeError:
-                pass  # psql stopped at an error; its exit code and stderr say which
-            except (UnsafeScript, TransactionEscaped, RestoreFailed) as exc:
-                psql.process.kill()  # before its input closes: psql would run what it holds
-                psql.wait()
-                escaped = session.escaped()
-                if escaped or isinstance(exc, TransactionEscaped):
-                    raise TransactionEscaped(str(exc)) from None
-                if isinstance(exc, UnsafeScript):
-                    raise RestoreFailed(f"the dump was refused part-way: {exc}") from None
-                raise
-            code = psql.wait()
+            with _deadline(self._restore_timeout, lambda: self._end(psql, session)) as expired:
+                committed = self._replay(psql, session, path, preamble, flags, archive=archive)
+                code = psql.wait()
             escaped = session.escaped()
             if escaped:
                 raise TransactionEscaped(
                     f"the upload ended safehold's transaction ({escaped.decode()})"
+                )
+            if expired.is_set():
+                raise RestoreFailed(
+                    f"the replace ran longer than {self._restore_timeout:g}s (--restore-timeout) "
+                    "and was ended; everything was rolled back"
                 )
             if code != 0 or not committed:
                 raise _restore_error(psql.stderr_lines())
             for line in psql.stderr_lines():
                 if line and not any(h in line for h in _HARMLESS_OUTPUT):
                     notify(Notice("ENGINE_OUTPUT", f"psql: {line}"))
+
+    def _replay(
+        self,
+        psql: Child,
+        session: Replay,
+        path: Path,
+        preamble: str,
+        flags: list[str],
+        *,
+        archive: bool,
+    ) -> bool:
+        """Run the whole replay; True when safehold wrote its COMMIT."""
+        try:
+            session.open(preamble)
+            if archive:
+                self._replay_archive(session, path, flags)
+            else:
+                with open(path, "rb") as script:
+                    session.replay(read_chunks(script), archive=False)
+            return session.commit()
+        except BrokenPipeError:
+            return False  # psql stopped at an error; its exit code and stderr say which
+        except (UnsafeScript, TransactionEscaped, RestoreFailed) as exc:
+            self._end(psql, session)
+            psql.wait()
+            if session.escaped() or isinstance(exc, TransactionEscaped):
+                raise TransactionEscaped(str(exc)) from None
+            if isinstance(exc, UnsafeScript):
+                raise RestoreFailed(f"the dump was refused part-way: {exc}") from None
+            raise
+
+    def _end(self, psql: Child, session: Replay) -> None:
+        """Stop a replay before its end. psql is killed before its input closes (at the
+        end of its input psql runs what it holds), and its server process is ended
+        too: a statement still running there would otherwise go on, and hold its
+        locks, long after psql is gone. Nothing was committed, so all rolls back."""
+        psql.process.kill()
+        pid = session.backend_pid
+        if pid is None:
+            return
+        try:
+            with self._connect() as db:
+                db.execute("SELECT pg_catalog.pg_terminate_backend(%s)", (pid,))
+        except (psycopg.Error, DatabaseUnavailable):
+            log.warning("could not end the restore's server process %d; it ends on its own", pid)
 
     def _replay_archive(self, session: Replay, path: Path, flags: list[str]) -> None:
         """Feed pg_restore's script to psql through the guard; pg_restore must exit
@@ -377,6 +431,27 @@ class PostgresEngine:
 
     def _env(self) -> dict[str, str]:
         return connection_env(self._target, self._password)
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float, end: Callable[[], None]) -> Iterator[threading.Event]:
+    """Call end when the block runs past seconds (0: never); the event says whether
+    it did. The dump is the uploader's to write, and a dump that sleeps would
+    otherwise hold the database's locks for as long as it likes."""
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        end()
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    if seconds:
+        timer.start()
+    try:
+        yield expired
+    finally:
+        timer.cancel()
 
 
 def _pipe_chunks(process: Child) -> Iterator[bytes]:
