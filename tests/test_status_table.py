@@ -172,10 +172,10 @@ def test_database_gone_away_is_unavailable_and_untouched(
 
 def fail_after_running(tool: str, bin_dir: Path) -> Path:
     """A `tool` for the front of the server's PATH. Asked for the restore script
-    (not --list, --version, or the inspection's --section and --use-list reads), it writes the real tool's whole script at once,
-    closes its output, says so in bin_dir/written, waits for bin_dir/release
-    and then exits 1: a tool that fails after writing everything, held at the
-    moment in between for as long as the test wants."""
+    (not --list, --version, or the inspection's --section and --use-list reads),
+    it writes the real tool's whole script at once, closes its output, says so in
+    bin_dir/written, waits for bin_dir/release and then exits 1: a tool that fails
+    after writing everything, held at the moment in between as long as the test wants."""
     real = shutil.which(tool)
     assert real is not None
     bin_dir.mkdir(exist_ok=True)
