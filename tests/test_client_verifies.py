@@ -114,7 +114,7 @@ def test_a_backup_whose_trailer_does_not_match_is_never_renamed_into_place(
     dest.write_bytes(b"an older backup the user keeps")
     try:
         with Client(target, PASSWORD, attempts=1) as client, pytest.raises(IncompleteBackup):
-            client.backup(dest)
+            client.backup(dest, force=True)  # allowed to replace it, once verified
     finally:
         server.stop(None)
     # The older file under that name is intact, and no partial file is left beside it.

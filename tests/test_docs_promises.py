@@ -37,7 +37,7 @@ def _status_table_names() -> list[str]:
 
 @pytest.mark.parametrize("name", _status_table_names())
 def test_every_status_in_readme_is_asserted_by_a_test(name: str) -> None:
-    quoted = re.compile(rf"""["']{name}["']|\.{name}\b""")
+    quoted = re.compile(rf"""["']{name}["']|\.{name}\b|\[{name}\]""")
     assert any(quoted.search(p.read_text()) for p in TESTS), f"no test asserts {name}"
 
 

@@ -20,9 +20,15 @@ def test_mutation_command_scores_a_module(tmp_path: Path) -> None:
         timeout=600,
         check=False,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
+    # Exit 1 means survivors nobody has reviewed yet (each is named): the command
+    # worked; reviewing them is the full run's job (docs/reliability.md).
+    assert result.returncode in (0, 1), result.stdout + result.stderr
     (row,) = [line for line in result.stdout.splitlines() if line.startswith("| atomic-file ")]
     killed, survived, incompetent, pending = (int(x) for x in row.split("|")[2:6])
     assert killed > 0 and incompetent == 0 and pending == 0
-    assert survived == result.stdout.count("survived (equivalent) in atomic-file")
+    named = result.stdout.count("survived (equivalent) in atomic-file") + result.stdout.count(
+        "survived (NEW) in atomic-file"
+    )
+    assert survived == named
+    assert (result.returncode == 1) == ("survived (NEW)" in result.stdout)
     assert (ROOT / "client" / "safehold" / "files.py").read_bytes() == checkout

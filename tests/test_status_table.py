@@ -171,18 +171,19 @@ def test_database_gone_away_is_unavailable_and_untouched(
 
 
 def fail_after_running(tool: str, bin_dir: Path) -> Path:
-    """A `tool` for the front of the server's PATH. Asked for a restore script
-    (not --list, not --version), it writes the real tool's whole script at once,
-    closes its output, says so in bin_dir/written, waits for bin_dir/release
-    and then exits 1: a tool that fails after writing everything, held at the
-    moment in between for as long as the test wants."""
+    """A `tool` for the front of the server's PATH. Asked for the restore script
+    (not --list, --version, or the inspection's --section and --use-list reads),
+    it writes the real tool's whole script at once, closes its output, says so in
+    bin_dir/written, waits for bin_dir/release and then exits 1: a tool that fails
+    after writing everything, held at the moment in between as long as the test wants."""
     real = shutil.which(tool)
     assert real is not None
     bin_dir.mkdir(exist_ok=True)
     wrapper = bin_dir / tool
     wrapper.write_text(
         "#!/bin/sh\n"
-        'case " $* " in *" --list "*|*" -l "*|*" --version "*|*" -V "*)\n'
+        'case " $* " in *" --list "*|*" -l "*|*" --version "*|*" -V "*|*" --section="*'
+        '|*" --use-list="*)\n'
         f'    exec "{real}" "$@";;\n'
         "esac\n"
         "script=$(mktemp) || exit 1\n"
