@@ -43,18 +43,18 @@ def pg16_db(pg16_cluster: Cluster) -> PgDatabase:
 
 def test_the_servers_major_picks_pg_dump_and_a_restricting_psql() -> None:
     tools = Tools([str(PG16), SYSTEM])
-    system = tools.installations[1].versions
-    assert [i.versions["pg_dump"].split(".")[0] for i in tools.installations] == ["16", "15"]
+    assert [c.major for c in tools.found["pg_dump"]] == [16, 15]
+    system_version = tools.found["pg_dump"][1].version
 
     tools.select_for("16.4")
     assert tools.paths["pg_dump"] == str(PG16 / "pg_dump")
     assert tools.paths["pg_restore"] == str(PG16 / "pg_restore")
-    # 16.2's psql has no \restrict: the system's, which has, runs the restores.
-    assert not supports_restrict(tools.installations[0].versions["psql"])
+    # 16.2's psql has no \restrict: it is never a candidate; the system's runs restores.
+    assert [c.path for c in tools.found["psql"]] == [os.path.join(SYSTEM, "psql")]
     assert tools.paths["psql"] == os.path.join(SYSTEM, "psql")
     assert tools.describe()["pg_dump path"] == str(PG16 / "pg_dump")
 
-    tools.select_for(system["pg_dump"])  # a server of the system's major: its own tools
+    tools.select_for(system_version)  # a server of the system's major: its own tools
     assert tools.paths["pg_dump"] == os.path.join(SYSTEM, "pg_dump")
     tools.select_for("14.9")  # no 14 installed: the newest dumps an older server
     assert tools.paths["pg_dump"] == str(PG16 / "pg_dump")

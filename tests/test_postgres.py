@@ -491,8 +491,6 @@ def test_dump_failing_half_way_ends_without_trailer(pg_db: PgDatabase, tmp_path:
         "exit 1\n"
     )
     failing.chmod(0o755)
-    # An installation is a directory with both: this one comes first on PATH.
-    (fake_bin / "pg_restore").symlink_to(str(shutil.which("pg_restore")))
     server = start_server(
         tmp_path, pg_db.url, PASSWORD, env={"PATH": f"{fake_bin}:{os.environ['PATH']}"}
     )

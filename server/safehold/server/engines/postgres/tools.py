@@ -33,60 +33,59 @@ _KEPT_VARIABLES = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TZ", "T
 
 
 @dataclass(frozen=True)
-class Installation:
-    """One directory of client tools (a PATH entry or /usr/lib/postgresql/N/bin)."""
+class Candidate:
+    """One installed copy of a tool (on PATH or in /usr/lib/postgresql/N/bin)."""
 
-    directory: str
-    versions: dict[str, str]
-    """Version of each of NAMES found there."""
+    path: str
+    version: str
 
-    def major(self, name: str) -> int:
-        return _major(self.versions[name])
+    @property
+    def major(self) -> int:
+        return _key(self.version)[0]
 
 
 class Tools:
     """Which installed client tools to run, and their versions.
 
-    Every directory on PATH that holds pg_dump, and Debian's /usr/lib/postgresql/*/bin,
-    are candidates. pg_dump and pg_restore come from one installation: the newest
-    minor of the server's own major when there is one (a newer pg_dump's output may
-    use settings an older server lacks, e.g. 17's transaction_timeout), else the newest
-    installed, which can dump any older server (select_for). psql must support
-    \\restrict: the one beside them when it does, else the newest that does; none
-    at all is refused, so that nothing but a lexer stands between an upload's
-    meta-commands and this host.
+    Every copy of each tool on PATH and in Debian's /usr/lib/postgresql/*/bin is a
+    candidate. For a server of major N (select_for), each tool is the newest copy of
+    major N when there is one (a newer pg_dump's output may use settings an older
+    server lacks, e.g. 17's transaction_timeout), else the newest copy, which can dump
+    and read any older server; among equal versions PATH comes first. psql must also
+    support \\restrict: a copy without it is never run, and with none that has it
+    safehold refuses to start, so that nothing but a lexer would stand between an
+    upload's meta-commands and this host.
     """
 
     def __init__(self, directories: Iterable[str] | None = None) -> None:
-        self.installations = _discover(_candidates() if directories is None else directories)
-        dumpers = [i for i in self.installations if {"pg_dump", "pg_restore"} <= i.versions.keys()]
-        if not dumpers:
+        searched = list(_candidates() if directories is None else directories)
+        self.found = {name: _discover(name, searched) for name in NAMES}
+        missing = [name for name, copies in self.found.items() if not copies]
+        if missing:
             raise OSError(
                 "PostgreSQL client tools not found on PATH or in /usr/lib/postgresql/*/bin: "
-                "pg_dump, pg_restore, psql"
+                + ", ".join(missing)
             )
-        self._dumpers = sorted(dumpers, key=lambda i: _key(i.versions["pg_dump"]), reverse=True)
-        self._psqls = sorted(
-            (i for i in self.installations if supports_restrict(i.versions.get("psql", "0"))),
-            key=lambda i: _key(i.versions["psql"]),
-            reverse=True,
-        )
-        if not self._psqls:
-            found = [i.versions["psql"] for i in self.installations if "psql" in i.versions]
+        restricting = [c for c in self.found["psql"] if supports_restrict(c.version)]
+        if not restricting:
+            versions = ", ".join(sorted({c.version for c in self.found["psql"]}))
             raise OSError(
-                f"psql {', '.join(found) or '(none found)'} cannot restrict meta-commands "
-                "(\\restrict), so an uploaded dump could run commands on this host; install "
-                f"psql {MINIMUM_PSQL} or newer"
+                f"psql {versions} cannot restrict meta-commands (\\restrict), so an uploaded "
+                f"dump could run commands on this host; install psql {MINIMUM_PSQL} or newer"
             )
+        self.found["psql"] = restricting
         self.paths: dict[str, str] = {}
         self.versions: dict[str, str] = {}
-        self._use(self._dumpers[0])
+        self.select_for(None)
 
-    def select_for(self, server_version: str) -> None:
-        """Use the tools that fit a server of server_version (see the class)."""
-        major = _major(server_version)
-        same = [i for i in self._dumpers if i.major("pg_dump") == major]
-        self._use(same[0] if same else self._dumpers[0])
+    def select_for(self, server_version: str | None) -> None:
+        """Use the copies that fit a server of server_version (see the class)."""
+        major = _key(server_version)[0] if server_version else None
+        for name, copies in self.found.items():
+            same = [c for c in copies if c.major == major]
+            chosen = max(same or copies, key=lambda c: _key(c.version))
+            self.paths[name] = chosen.path
+            self.versions[name] = chosen.version
 
     def describe(self) -> dict[str, str]:
         """Each tool's version and where it was found, for `safehold info`."""
@@ -94,12 +93,6 @@ class Tools:
             **self.versions,
             **{f"{name} path": path for name, path in self.paths.items()},
         }
-
-    def _use(self, dumper: Installation) -> None:
-        psql = dumper if dumper in self._psqls else self._psqls[0]
-        chosen = {"pg_dump": dumper, "pg_restore": dumper, "psql": psql}
-        self.paths = {n: os.path.join(i.directory, n) for n, i in chosen.items()}
-        self.versions = {n: i.versions[n] for n, i in chosen.items()}
 
     def argv(self, name: str, *args: str) -> list[str]:
         return [self.paths[name], *args]
@@ -111,23 +104,14 @@ def _candidates() -> list[str]:
     return [*on_path, *reversed(debian)]
 
 
-def _discover(directories: Iterable[str]) -> list[Installation]:
-    """The installations among directories, each version once (PATH's first)."""
-    found: list[Installation] = []
-    seen: set[tuple[str, ...]] = set()
-    for directory in directories:
-        if not os.path.isfile(os.path.join(directory, "pg_dump")):
-            continue
-        versions = {
-            name: _version(path)
-            for name in NAMES
-            if os.access(path := os.path.join(directory, name), os.X_OK)
-        }
-        signature = tuple(versions.get(name, "") for name in NAMES)
-        if signature not in seen:
-            seen.add(signature)
-            found.append(Installation(directory, versions))
-    return found
+def _discover(name: str, directories: Iterable[str]) -> list[Candidate]:
+    """Every executable copy of name in directories, in their order."""
+    copies = []
+    for directory in dict.fromkeys(directories):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            copies.append(Candidate(path, _version(path)))
+    return copies
 
 
 def _version(path: str) -> str:
@@ -146,10 +130,6 @@ def _version(path: str) -> str:
 
 def _key(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", version)[:2]) or (0,)
-
-
-def _major(version: str) -> int:
-    return _key(version)[0]
 
 
 def supports_restrict(version: str) -> bool:
