@@ -1,5 +1,6 @@
 """The server keeps its own database backed up: runs into its repository, on a schedule
-or when asked (CreateRepositoryBackup), and says when they fail.
+or when asked (CreateRepositoryBackup), and says when they fail. (listing.py shows
+the repository over the contract.)
 
 A run takes the Backup RPC's own frames (servicer.backup_frames: the same backup
 slots, read gate, engine path and shutdown refusal), streams the chunks into the
@@ -11,7 +12,6 @@ webhook. Runs never overlap: one lock is held for each of them.
 
 from __future__ import annotations
 
-import base64
 import logging
 import random
 import socket
@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 
 import grpc
 import tenacity
-from google.protobuf import timestamp_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from safehold.client.errors import SafeholdError as ClientError
@@ -37,7 +36,7 @@ from safehold.repository import Artefact, Manifest, Policy, crypto, open_reposit
 from safehold.repository.location import is_remote
 from safehold.server import notify
 from safehold.server.config import ConfigError
-from safehold.server.errors import InvalidRequest, SafeholdError, TooManyBackups
+from safehold.server.errors import SafeholdError, TooManyBackups
 from safehold.server.schedule import RepositorySettings, Schedule
 from safehold.streams import ChunksReader, as_binary
 from safehold.v1 import backup_service_pb2 as pb
@@ -53,10 +52,6 @@ MAX_ATTEMPTS = 5
 CATCH_UP_JITTER_SECONDS = 10.0
 """At most this much random delay before a catch-up run, so that servers started
 together do not all back up at the same second."""
-_ENGINES = {"postgresql": pb.ENGINE_POSTGRESQL, "sqlite": pb.ENGINE_SQLITE}
-_DUMP_FORMATS = {name: value for name, value in pb.DumpFormat.items()}
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
 
 
 class NoRepository(SafeholdError):
@@ -331,8 +326,8 @@ class Keeper:
             "event": event,
             "repository": self.repository.location,
             "host": socket.gethostname(),
-            "started_at": _iso(started_at),
-            "finished_at": _iso(datetime.now(UTC)),
+            "started_at": iso(started_at),
+            "finished_at": iso(datetime.now(UTC)),
             "attempts": attempts,
             "safehold_version": SAFEHOLD_VERSION,
             **fields,
@@ -342,48 +337,6 @@ class Keeper:
     def _sleep(self, seconds: float) -> None:
         """Wait between attempts, cut short by shutdown."""
         self._stop.wait(seconds)
-
-    # --- the contract ------------------------------------------------------------
-
-    def list_page(
-        self, request: pb.ListRepositoryBackupsRequest
-    ) -> pb.ListRepositoryBackupsResponse:
-        """One page, newest first; the token is the (created_at, name) of the page's last
-        entry, so that backups added or pruned between pages shift nothing."""
-        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        try:
-            backups = self.repository.backups(request.database_name or None)
-        except (ClientError, OSError) as err:
-            raise RepositoryFailed(f"{self.repository.location}: {err}") from None
-        if request.page_token:
-            after = _decode_token(request.page_token)
-            backups = [m for m in backups if (_iso(m.created_at), m.name) < after]
-        page = backups[:size]
-        more = len(backups) > size
-        return pb.ListRepositoryBackupsResponse(
-            backups=[entry(m) for m in page],
-            next_page_token=_encode_token(page[-1]) if more else "",
-            repository=self.repository.location,
-        )
-
-
-def entry(m: Manifest) -> pb.RepositoryBackup:
-    """A manifest as the contract's RepositoryBackup."""
-    created = timestamp_pb2.Timestamp()
-    created.FromDatetime(m.created_at)
-    return pb.RepositoryBackup(
-        name=m.name,
-        engine=_ENGINES.get(m.engine.lower(), pb.ENGINE_UNSPECIFIED),
-        engine_version=m.engine_version,
-        dump_format=_DUMP_FORMATS.get(m.dump_format, pb.DUMP_FORMAT_UNSPECIFIED),
-        database_name=m.database_name,
-        created_at=created,
-        safehold_version=m.safehold_version,
-        artefact=pb.Digest(size_bytes=m.size_bytes, sha256=bytes.fromhex(m.sha256)),
-        stored=pb.Digest(size_bytes=m.stored_size_bytes, sha256=bytes.fromhex(m.stored_sha256)),
-        encryption=m.encryption,
-        schema_version=m.schema_version or "",
-    )
 
 
 def _artefact(manifest: pb.BackupManifest) -> Artefact:
@@ -413,17 +366,5 @@ def _describe(err: BaseException | None) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def _iso(moment: datetime) -> str:
+def iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def _encode_token(m: Manifest) -> str:
-    return base64.urlsafe_b64encode(f"{_iso(m.created_at)}\n{m.name}".encode()).decode()
-
-
-def _decode_token(token: str) -> tuple[str, str]:
-    try:
-        created, name = base64.urlsafe_b64decode(token.encode()).decode().split("\n", 1)
-    except ValueError:
-        raise InvalidRequest("page_token is not one this server gave") from None
-    return created, name

@@ -43,7 +43,8 @@ from safehold.server.errors import (
     UploadTooLarge,
 )
 from safehold.server.gate import ReadWriteGate
-from safehold.server.keeper import Keeper, NoRepository, entry
+from safehold.server.keeper import Keeper, NoRepository
+from safehold.server.listing import entry, page
 from safehold.server.logs import request_id
 from safehold.server.metrics import Metrics
 from safehold.server.pre_restore import PreRestoreHistory
@@ -230,7 +231,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
     def _list_backups(
         self, request: pb.ListRepositoryBackupsRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.ListRepositoryBackupsResponse]:
-        yield self._keeper().list_page(request)
+        yield page(self._keeper().repository, request)
 
     def CreateRepositoryBackup(
         self, request: pb.CreateRepositoryBackupRequest, context: grpc.ServicerContext
