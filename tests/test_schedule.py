@@ -378,3 +378,33 @@ def test_backup_now_into_an_unreachable_repository_says_so(
         server.stop()
     assert now.returncode == 1 and "REPOSITORY_FAILED" in now.stderr
     assert s3.env["AWS_SECRET_ACCESS_KEY"] not in now.stderr + server.log()
+
+
+def test_runs_asked_for_and_scheduled_never_overlap(tmp_path: Path, sqlite_db: Path) -> None:
+    add_filler(sqlite_db, 20)  # long enough for runs to meet
+    repository = Repo(str(tmp_path / "repo"), {})
+    server = serve(tmp_path, sqlite_db, repository, "--schedule", "1s")
+    results: list[int] = []
+
+    def ask() -> None:
+        with Client(server.target, PASSWORD) as client:
+            results.extend(client.backup_now().backups_in_repository for _ in range(2))
+
+    try:
+        callers = [threading.Thread(target=ask) for _ in range(3)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join(120)
+        wait_for(lambda: len(runs(server)) >= 2, "two scheduled runs")
+    finally:
+        assert server.stop() == 0
+    assert len(results) == 6
+    events = re.findall(
+        r"backup of app started|(scheduled|requested) backup of app stored", server.log()
+    )
+    # Strictly one run at a time: every start is followed by its run's end.
+    assert events[0::2] == [""] * (len(events) // 2 + len(events) % 2), server.log()
+    assert all(kind for kind in events[1::2])
+    assert {"scheduled", "requested"} <= set(events[1::2])
+    assert len(repository.open().backups()) == len(events) // 2

@@ -141,11 +141,13 @@ class Keeper:
         if not self._run_lock.acquire(timeout=wait_seconds):
             raise TooManyBackups("a repository backup is running; retry when it has finished")
         try:
-            return self._run_once()
+            result = self._run_once()
         except (ClientError, OSError) as err:
             raise RepositoryFailed(f"{self.repository.location}: {err}") from None
         finally:
             self._run_lock.release()
+        self._stored("requested backup", result, attempts=1)
+        return result
 
     def _run_once(self) -> RunResult:
         started = time.monotonic()
@@ -280,23 +282,7 @@ class Keeper:
 
     def _report_success(self, started_at: datetime, attempts: int, result: RunResult) -> None:
         m = result.manifest
-        self.metrics.last_success.set(time.time())
-        self.metrics.duration.set(result.seconds)
-        self.metrics.size.set(m.size_bytes)
-        self.metrics.backups.set(result.backups_in_repository)
-        log.info(
-            "scheduled backup of %s stored: %s/%s, %d bytes%s, verified, %.1fs, attempt %d; "
-            "%d backups in the repository, %d pruned",
-            m.database_name,
-            self.repository.location,
-            m.name,
-            m.size_bytes,
-            ", age-encrypted" if m.encrypted else "",
-            result.seconds,
-            attempts,
-            result.backups_in_repository,
-            result.pruned,
-        )
+        self._stored("scheduled backup", result, attempts)
         if "success" in self.settings.notify_on:
             self._notify(
                 "success",
@@ -307,6 +293,28 @@ class Keeper:
                 database=m.database_name,
                 backups_in_repository=result.backups_in_repository,
             )
+
+    def _stored(self, what: str, result: RunResult, attempts: int) -> None:
+        """A run's backup is stored and verified: the metrics and the log say so."""
+        m = result.manifest
+        self.metrics.last_success.set(time.time())
+        self.metrics.duration.set(result.seconds)
+        self.metrics.size.set(m.size_bytes)
+        self.metrics.backups.set(result.backups_in_repository)
+        log.info(
+            "%s of %s stored: %s/%s, %d bytes%s, verified, %.1fs, attempt %d; "
+            "%d backups in the repository, %d pruned",
+            what,
+            m.database_name,
+            self.repository.location,
+            m.name,
+            m.size_bytes,
+            ", age-encrypted" if m.encrypted else "",
+            result.seconds,
+            attempts,
+            result.backups_in_repository,
+            result.pruned,
+        )
 
     def _report_failure(self, started_at: datetime, attempts: int, err: BaseException) -> None:
         self.metrics.last_failure.set(time.time())
