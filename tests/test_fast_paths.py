@@ -4,12 +4,17 @@ and the SQLite snapshot. (How fast they are is bench/'s business, not a test's.)
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import subprocess
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import PgDatabase
-from helpers import Server
+from conftest import PASSWORD, PgDatabase, make_sqlite_db
+from helpers import Server, add_filler, sqlite_content, start_server
 from pg import Cluster
 
 from safehold.client import Client
@@ -85,3 +90,77 @@ def test_pre_restore_backup_is_complete_and_restorable(
         client.restore(pre_restore)
     with pg_db.connect() as db:
         assert db.execute("SELECT count(*), sum(id) FROM items").fetchone() == (5000, 12502500)
+
+
+@pytest.mark.parametrize("wal", [True, False], ids=["wal", "rollback-journal"])
+def test_sqlite_snapshot_under_writes_and_checkpoints_is_one_restorable_point(
+    wal: bool, tmp_path: Path
+) -> None:
+    """The snapshot copies the live file and its WAL as bytes while the
+    application commits and checkpoints: the backup is one file, passes
+    integrity_check, holds every transaction committed before the call and
+    none half, and restores."""
+    db = make_sqlite_db(tmp_path / "app.sqlite", wal=wal)
+    add_filler(db, 8)
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE ledger (id INTEGER PRIMARY KEY, amount INTEGER, pad BLOB)")
+        conn.execute("CREATE TABLE totals (n INTEGER, sum INTEGER)")
+        conn.execute("INSERT INTO totals VALUES (0, 0)")
+    stop = threading.Event()
+    committed = [0]
+
+    def checkpointing(n: int) -> bool:
+        """The writer checkpoints in turns of 300 commits, and not in between."""
+        return (n // 300) % 2 == 0
+
+    def keep_writing() -> None:
+        with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+            deadline = time.monotonic() + 30
+            while not stop.is_set() and time.monotonic() < deadline and committed[0] < 50_000:
+                amount = committed[0] % 97
+                with conn:
+                    conn.execute(
+                        "INSERT INTO ledger (amount, pad) VALUES (?, randomblob(3000))", (amount,)
+                    )
+                    conn.execute("UPDATE totals SET n = n + 1, sum = sum + ?", (amount,))
+                committed[0] += 1
+                if wal and checkpointing(committed[0]) and committed[0] % 20 == 0:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")  # rewrites the main file
+
+    server = start_server(tmp_path, f"sqlite:///{db}", PASSWORD)
+    writer = threading.Thread(target=keep_writing)
+    writer.start()
+    try:
+        # Start while the last transactions are in the WAL only, not yet in the file.
+        wait_for(lambda: committed[0] >= 100 and not checkpointing(committed[0]))
+        with Client(server.target, PASSWORD) as client:
+            before = committed[0]
+            backup = client.backup(tmp_path / "during-writes.sqlite")
+            during = committed[0]
+            assert during > before or committed[0] >= 50_000  # the writer was not held back
+            stop.set()
+            writer.join()
+            with contextlib.closing(
+                sqlite3.connect(f"{backup.path.as_uri()}?immutable=1", uri=True)
+            ) as copy:  # immutable: the file alone, no WAL beside it
+                assert copy.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+                n, total = copy.execute("SELECT n, sum FROM totals").fetchone()
+                assert copy.execute(
+                    "SELECT count(*), coalesce(sum(amount), 0) FROM ledger"
+                ).fetchone() == (n, total)
+            assert before <= n <= committed[0]
+            expected = sqlite_content(backup.path)
+            client.restore(backup.path)
+        assert sqlite_content(db) == expected
+    finally:
+        stop.set()
+        writer.join()
+        server.stop()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)

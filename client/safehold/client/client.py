@@ -41,6 +41,7 @@ from safehold.client.errors import (
 from safehold.client.output import Destination, Sink, open_sink, plan
 from safehold.contract import PASSWORD_METADATA_KEY, SERVICE_NAME, DatabaseState
 from safehold.formats import SNIFF_BYTES, engine_label, engine_of, file_suffix, sniff, sniff_file
+from safehold.read_ahead import read_ahead
 from safehold.v1 import backup_service_pb2 as pb
 from safehold.v1 import backup_service_pb2_grpc as pb_grpc
 
@@ -274,30 +275,32 @@ class Client:
         """Write chunks to out until the trailer; raise unless it matches."""
         digest = hashlib.sha256()
         size = 0
-        for response in _iterate(responses):
-            kind = response.WhichOneof("frame")
-            if kind == "chunk":
-                out.write(response.chunk)
-                digest.update(response.chunk)
-                size += len(response.chunk)
-                if on_progress:
-                    on_progress(Progress("BACKUP", size, None))
-            elif kind == "trailer":
-                trailer = response.trailer
-                if trailer.size_bytes != size or not hmac.compare_digest(
-                    trailer.sha256, digest.digest()
-                ):
-                    raise IncompleteBackup(
-                        f"the backup's trailer does not match what arrived ({size} bytes); "
-                        "the partial file was deleted"
-                    )
-                return size, digest.hexdigest()
-            else:
-                raise IncompleteBackup(f"unexpected {kind} frame in the backup stream")
-        raise IncompleteBackup(
-            f"the backup stream ended after {size} bytes without a trailer; "
-            "the partial file was deleted"
-        )
+        with read_ahead(_iterate(responses)) as received:
+            for response in received:
+                kind = response.WhichOneof("frame")
+                if kind == "chunk":
+                    chunk = response.chunk  # each access copies the bytes out of the message
+                    out.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+                    if on_progress:
+                        on_progress(Progress("BACKUP", size, None))
+                elif kind == "trailer":
+                    trailer = response.trailer
+                    if trailer.size_bytes != size or not hmac.compare_digest(
+                        trailer.sha256, digest.digest()
+                    ):
+                        raise IncompleteBackup(
+                            f"the backup's trailer does not match what arrived ({size} bytes); "
+                            "the partial file was deleted"
+                        )
+                    return size, digest.hexdigest()
+                else:
+                    raise IncompleteBackup(f"unexpected {kind} frame in the backup stream")
+            raise IncompleteBackup(
+                f"the backup stream ended after {size} bytes without a trailer; "
+                "the partial file was deleted"
+            )
 
     def _restore_once(
         self,

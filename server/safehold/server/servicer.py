@@ -25,6 +25,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from safehold.contract import REQUEST_ID_KEY, DatabaseState, Reason
 from safehold.formats import engine_label
+from safehold.read_ahead import read_ahead
 from safehold.server.config import Config
 from safehold.server.engines import Engine, Notice, RestoreOptions
 from safehold.server.errors import (
@@ -181,7 +182,8 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
         started = time.monotonic()
         with (
             self._gate.reading(self._config.lock_timeout_seconds),
-            self._engine.backup(level) as chunks,
+            self._engine.backup(level) as source,
+            read_ahead(source) as chunks,
         ):
             info = self._engine.info()
             created = timestamp_pb2.Timestamp()
