@@ -9,13 +9,13 @@ import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import PASSWORD, PgDatabase, make_sqlite_db
 from helpers import Server, add_filler, sqlite_content, start_server
 from pg import Cluster
+from test_crashes import wait_until
 
 from safehold.client import Client
 from safehold.server.engines.postgres import compression
@@ -133,7 +133,7 @@ def test_sqlite_snapshot_under_writes_and_checkpoints_is_one_restorable_point(
     writer.start()
     try:
         # Start while the last transactions are in the WAL only, not yet in the file.
-        wait_for(lambda: committed[0] >= 100 and not checkpointing(committed[0]))
+        assert wait_until(lambda: committed[0] >= 100 and not checkpointing(committed[0]))
         with Client(server.target, PASSWORD) as client:
             before = committed[0]
             backup = client.backup(tmp_path / "during-writes.sqlite")
@@ -157,10 +157,3 @@ def test_sqlite_snapshot_under_writes_and_checkpoints_is_one_restorable_point(
         stop.set()
         writer.join()
         server.stop()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
