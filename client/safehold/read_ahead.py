@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -32,8 +32,9 @@ _END = object()
 
 
 class _ReadAhead(Generic[T]):
-    def __init__(self, source: Iterator[T], depth: int) -> None:
+    def __init__(self, source: Iterator[T], depth: int, each: Callable[[T], object]) -> None:
         self._source = source
+        self._each = each
         self._queue: queue.Queue[object] = queue.Queue(depth)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._pull, name="read-ahead", daemon=True)
@@ -50,6 +51,7 @@ class _ReadAhead(Generic[T]):
     def _pull(self) -> None:
         try:
             for item in self._source:
+                self._each(item)
                 if not self._put(item):
                     return
         except BaseException as exc:  # handed to the consumer, who raises it
@@ -67,14 +69,18 @@ class _ReadAhead(Generic[T]):
 
 
 @contextlib.contextmanager
-def read_ahead(source: Iterator[T], depth: int = 2) -> Iterator[Iterator[T]]:
-    """Iterate source through a thread that stays up to depth items ahead.
+def read_ahead(
+    source: Iterator[T], depth: int = 2, each: Callable[[T], object] = lambda _: None
+) -> Iterator[Iterator[T]]:
+    """Iterate source through a thread that stays up to depth items ahead and
+    calls each(item) there first (hashing, so that it overlaps the caller's work
+    too; an item reaches the caller only after each() has returned).
 
     Leaving the block tells the thread to stop without waiting for it: it may be
     blocked inside source (a pipe, a gRPC receive) until whoever owns that
     source ends it (kills the child, cancels the call) after this block.
     """
-    ahead = _ReadAhead(source, depth)
+    ahead = _ReadAhead(source, depth, each)
     ahead._thread.start()
     try:
         yield iter(ahead)

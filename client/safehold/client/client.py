@@ -275,13 +275,17 @@ class Client:
         """Write chunks to out until the trailer; raise unless it matches."""
         digest = hashlib.sha256()
         size = 0
-        with read_ahead(_iterate(responses)) as received:
+
+        def hash_chunk(response: pb.BackupResponse) -> None:
+            if response.WhichOneof("frame") == "chunk":
+                digest.update(response.chunk)
+
+        with read_ahead(_iterate(responses), each=hash_chunk) as received:
             for response in received:
                 kind = response.WhichOneof("frame")
                 if kind == "chunk":
                     chunk = response.chunk  # each access copies the bytes out of the message
                     out.write(chunk)
-                    digest.update(chunk)
                     size += len(chunk)
                     if on_progress:
                         on_progress(Progress("BACKUP", size, None))

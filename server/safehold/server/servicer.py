@@ -180,10 +180,11 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
     def _stream_backup(self, level: int | None, sent: list[int]) -> Iterator[pb.BackupResponse]:
         """Manifest, chunks, trailer; sent[0] counts the chunk bytes handed to gRPC."""
         started = time.monotonic()
+        digest = hashlib.sha256()
         with (
             self._gate.reading(self._config.lock_timeout_seconds),
             self._engine.backup(level) as source,
-            read_ahead(source) as chunks,
+            read_ahead(source, each=digest.update) as chunks,
         ):
             info = self._engine.info()
             created = timestamp_pb2.Timestamp()
@@ -201,10 +202,8 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
                     suggested_file_name=f"{info.database_name}-{stamp}{self._engine.file_suffix}",
                 )
             )
-            digest = hashlib.sha256()
             for chunk in chunks:
                 self._refuse_when_stopping()
-                digest.update(chunk)
                 sent[0] += len(chunk)
                 yield pb.BackupResponse(chunk=chunk)
         elapsed = time.monotonic() - started
