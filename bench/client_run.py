@@ -43,6 +43,7 @@ def main() -> None:
                 "bytes": size,
                 "phases": phases,
                 "peak_rss_kib": _peak_rss_kib(),
+                "cpu_seconds": sum(os.times()[:2]),
             }
         )
     )
