@@ -36,7 +36,8 @@ from pg import Cluster, cluster  # noqa: E402
 PASSWORD = "bench password with spaces"
 MIB = 1024 * 1024
 TIME_LIMIT_SECONDS = 3600
-"""Every loop below stops by this wall-clock budget, whatever the sizes asked."""
+"""Every loop below stops by this wall-clock budget (--time-limit-seconds), whatever the
+sizes asked."""
 
 
 @dataclass
@@ -475,10 +476,16 @@ def main() -> None:
     parser.add_argument("--sizes-mb", default="100")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--write", type=Path, help="write the results into this Markdown file")
+    parser.add_argument(
+        "--time-limit-seconds",
+        type=float,
+        default=TIME_LIMIT_SECONDS,
+        help="stop building databases after this long (raise it for 5 GB)",
+    )
     args = parser.parse_args()
     engines = args.engines.split(",")
     sizes = [int(s) * MIB for s in args.sizes_mb.split(",")]
-    deadline = time.monotonic() + TIME_LIMIT_SECONDS
+    deadline = time.monotonic() + args.time_limit_seconds
     rows: list[Row] = []
     first_chunks: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="safehold-bench-") as tmp:

@@ -410,11 +410,9 @@ class _Upload:
         yield pb.RestoreRequest(header=self._header)
         digest = hashlib.sha256()
         size = 0
-        with (
-            open(self._src, "rb") as f,
-            read_ahead(iter(lambda: f.read(UPLOAD_CHUNK_BYTES), b""), each=digest.update) as chunks,
-        ):
-            for chunk in chunks:
+        with open(self._src, "rb") as f:
+            while chunk := f.read(UPLOAD_CHUNK_BYTES):
+                digest.update(chunk)
                 size += len(chunk)
                 self.sent_data = True
                 yield pb.RestoreRequest(chunk=chunk)
