@@ -5,12 +5,12 @@ zlib: on a 1 GB database with incompressible columns level 1 was measured
 1.8x faster for 2% more bytes (docs/benchmarks.md). So:
 
 - the default backup is zstd level 1 where pg_dump has it (16 and later, when
-  built with zstd): faster than gzip 1 and at least as small as gzip 6; else
-  gzip level 1;
+  built with zstd), generally faster than gzip 1 at about gzip 6's ratio (not
+  measured on this project's machines, which have pg_dump 15); else gzip level 1;
 - the pre-restore backup, which the operator waits for before every restore and
   which never leaves this host, is lz4 where pg_dump has it, else not
-  compressed at all: measured 3x faster than gzip 1 for 1.5x the bytes
-  (docs/benchmarks.md has the numbers and what it costs on disk);
+  compressed at all: at 1 GB 7-9 s against 27-30 s for gzip 1, for 1.5x the
+  bytes (docs/benchmarks.md has the numbers and what it costs on disk);
 - a level the caller asks for (0-9) is passed on exactly as `--compress=N`,
   which every pg_dump reads as gzip at that level (0: none).
 
