@@ -26,6 +26,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from safehold.contract import REQUEST_ID_KEY, DatabaseState, Reason
 from safehold.formats import engine_label
+from safehold.read_ahead import read_ahead
 from safehold.server.config import Config
 from safehold.server.engines import Engine, Notice, RestoreOptions
 from safehold.server.errors import (
@@ -200,9 +201,11 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
     ) -> Generator[pb.BackupResponse, None, None]:
         """Manifest, chunks, trailer; sent[0] counts the chunk bytes handed to gRPC."""
         started = time.monotonic()
+        digest = hashlib.sha256()
         with (
             self._gate.reading(self._config.lock_timeout_seconds),
-            self._engine.backup(level) as chunks,
+            self._engine.backup(level) as source,
+            read_ahead(source, each=digest.update) as chunks,
         ):
             info = self._engine.info()
             created = timestamp_pb2.Timestamp()
@@ -220,10 +223,8 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
                     suggested_file_name=f"{info.database_name}-{stamp}{self._engine.file_suffix}",
                 )
             )
-            digest = hashlib.sha256()
             for chunk in chunks:
                 self._refuse_when_stopping()
-                digest.update(chunk)
                 sent[0] += len(chunk)
                 self._metrics.moved("backup", len(chunk))
                 yield pb.BackupResponse(chunk=chunk)
