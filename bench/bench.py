@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import datetime
 import json
 import os
@@ -36,7 +37,8 @@ from s3server import s3_server  # noqa: E402
 PASSWORD = "bench password with spaces"
 MIB = 1024 * 1024
 TIME_LIMIT_SECONDS = 3600
-"""Every loop below stops by this wall-clock budget, whatever the sizes asked."""
+"""Every loop below stops by this wall-clock budget (--time-limit-seconds), whatever the
+sizes asked."""
 
 
 @dataclass
@@ -52,9 +54,11 @@ class Row:
     bytes: int = 0
     note: str = ""
 
-    def ratio(self) -> float:
+    def ratio(self) -> str:
         """safehold's speed as a fraction of the tool's (above 1: faster)."""
-        return _mean(self.native) / _mean(self.safehold)
+        if not self.native:
+            return "-"
+        return f"{_mean(self.native) / _mean(self.safehold):.2f}"
 
 
 def _mean(values: list[float]) -> float:
@@ -70,15 +74,77 @@ def timed(fn: Callable[[], object]) -> float:
 def run_client(
     server: Server, *args: str, env: dict[str, str] | None = None
 ) -> tuple[dict[str, object], float]:
-    """bench/client_run.py in its own process: its JSON report and peak RSS in MiB."""
-    result = subprocess.run(
+    """bench/client_run.py in its own process: its JSON report (with the server's
+    CPU seconds for the call added) and its peak RSS in MiB."""
+    cpu = server_cpu_seconds(server)
+    report, mib = finish_client(start_client(server, *args, env=env))
+    report["server_cpu_seconds"] = server_cpu_seconds(server) - cpu
+    return report, mib
+
+
+def run_restore(server: Server, archive: Path) -> tuple[dict[str, object], float]:
+    """A restore right after another may find the server still finishing the first
+    (it frees the restore lock after the client has read the last frame): retry
+    a few times instead of failing the run."""
+    for _ in range(3):
+        try:
+            return run_client(server, "restore", str(archive))
+        except RuntimeError:
+            time.sleep(1)
+    return run_client(server, "restore", str(archive))
+
+
+def start_client(
+    server: Server, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
         [sys.executable, str(ROOT / "bench" / "client_run.py"), *args],
         env={**server.client_env(), **(env or {})},
         stdout=subprocess.PIPE,
-        check=True,
     )
-    report = json.loads(result.stdout)
-    return report, int(report["peak_rss_kib"]) / 1024
+
+
+def finish_client(process: subprocess.Popen[bytes]) -> tuple[dict[str, object], float]:
+    out, _ = process.communicate(timeout=TIME_LIMIT_SECONDS)
+    if process.returncode != 0:
+        raise RuntimeError(f"the client failed with exit code {process.returncode}")
+    report: dict[str, object] = json.loads(out)
+    return report, int(report["peak_rss_kib"]) / 1024  # type: ignore[call-overload]
+
+
+def concurrent_backups(server: Server, work: Path, label: str, n: int = 4) -> Row:
+    """n backups at once: what each adds to the server's peak memory."""
+    row = Row(f"{label}: {n} backups at once")
+    reset_server_peak(server)
+    started = time.perf_counter()
+    clients = [start_client(server, "backup", str(work / f"concurrent-{i}.out")) for i in range(n)]
+    reports = [finish_client(client) for client in clients]
+    row.safehold.append(time.perf_counter() - started)
+    row.server_mib = server_peak_mib(server)
+    row.client_mib = max(mib for _, mib in reports)
+    row.bytes = sum(int(report["bytes"]) for report, _ in reports)  # type: ignore[call-overload]
+    row.note = "wall time for all; server peak RSS with all running"
+    for i in range(n):
+        remove_backup(work / f"concurrent-{i}.out")
+    return row
+
+
+def remove_backup(path: Path) -> None:
+    """A backup the client wrote, and the manifest it wrote beside it."""
+    path.unlink()
+    path.with_name(path.name + ".manifest.json").unlink(missing_ok=True)
+
+
+def stream_note(report: dict[str, object]) -> str:
+    """Throughput of the stream itself (after the first chunk) and the CPU each side spent."""
+    phases: dict[str, float] = report["phases"]  # type: ignore[assignment]
+    streaming = float(report["seconds"]) - phases.get("BACKUP", 0.0)  # type: ignore[arg-type]
+    mb = int(report["bytes"]) / 1e6  # type: ignore[call-overload]
+    return (
+        f"stream {mb / streaming:.0f} MB/s after the first chunk; CPU server "
+        f"{float(report['server_cpu_seconds']):.1f}s, "  # type: ignore[arg-type]
+        f"client {float(report['cpu_seconds']):.1f}s"  # type: ignore[arg-type]
+    )
 
 
 def server_peak_mib(server: Server) -> float:
@@ -86,6 +152,12 @@ def server_peak_mib(server: Server) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmHWM")
+
+
+def server_cpu_seconds(server: Server) -> float:
+    """User plus system CPU time of the server process so far."""
+    fields = Path(f"/proc/{server.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def reset_server_peak(server: Server) -> None:
@@ -170,7 +242,11 @@ def bench_engine(
             backup.server_mib = max(backup.server_mib, server_peak_mib(server))
             backup.client_mib = max(backup.client_mib, client_mib)
             backup.bytes = int(report["bytes"])  # type: ignore[call-overload]
-            out.unlink()
+            backup.note = stream_note(report)
+            if archive.exists():
+                tool = archive.stat().st_size
+                backup.note += f"; size {backup.bytes / tool:.3f}x the tool's"
+            remove_backup(out)
     for rep in range(reps):
         order = ["native", "safehold"] if rep % 2 == 0 else ["safehold", "native"]
         for who in order:
@@ -178,15 +254,16 @@ def bench_engine(
                 restore.native.append(timed(lambda: native_restore(archive)))
                 continue
             reset_server_peak(server)
-            report, client_mib = run_client(server, "restore", str(archive))
+            report, client_mib = run_restore(server, archive)
             phases: dict[str, float] = report["phases"]  # type: ignore[assignment]
-            restoring = phases["DONE"] - phases["RESTORING"]
-            restore.safehold.append(restoring)
+            restore.safehold.append(float(report["seconds"]))  # type: ignore[arg-type]
+            upload = phases["VERIFYING"]
+            verify = phases["PRE_RESTORE_BACKUP"] - phases["VERIFYING"]
             pre = phases["RESTORING"] - phases["PRE_RESTORE_BACKUP"]
+            replace = phases["DONE"] - phases["RESTORING"]
             restore.note = (
-                f"whole call {float(report['seconds']):.1f}s "  # type: ignore[arg-type]
-                f"(upload+verify {phases['PRE_RESTORE_BACKUP']:.1f}s, "
-                f"pre-restore backup {pre:.1f}s)"
+                f"upload {upload:.1f}s, verify {verify:.1f}s, "
+                f"pre-restore backup {pre:.1f}s, replace {replace:.1f}s"
             )
             restore.server_mib = max(restore.server_mib, server_peak_mib(server))
             restore.client_mib = max(restore.client_mib, client_mib)
@@ -200,13 +277,16 @@ def compression_rows(server: Server, work: Path, env: dict[str, str], size: int)
     for level in (0, 1, 6):
         row = Row(f"PostgreSQL {size // MIB} MB backup, compression level {level}")
         out = work / f"level-{level}.out"
+        tool_out = work / f"level-{level}.tool"
         row.native.append(
             timed(
-                lambda out=out, level=level: subprocess.run(  # type: ignore[misc]
-                    ["pg_dump", "-Fc", f"-Z{level}", "-f", str(out)], env=env, check=True
+                lambda level=level, tool_out=tool_out: subprocess.run(  # type: ignore[misc]
+                    ["pg_dump", "-Fc", f"-Z{level}", "-f", str(tool_out)], env=env, check=True
                 )
             )
         )
+        tool_bytes = tool_out.stat().st_size
+        tool_out.unlink()
         reset_server_peak(server)
         report, row.client_mib = run_client(
             server, "backup", str(out), "--compression-level", str(level)
@@ -214,8 +294,11 @@ def compression_rows(server: Server, work: Path, env: dict[str, str], size: int)
         row.safehold.append(float(report["seconds"]))  # type: ignore[arg-type]
         row.server_mib = server_peak_mib(server)
         row.bytes = int(report["bytes"])  # type: ignore[call-overload]
-        row.note = f"archive {row.bytes / MIB:.0f} MiB"
-        out.unlink()
+        row.note = (
+            f"archive {row.bytes / MIB:.0f} MiB ({row.bytes / tool_bytes:.3f}x the tool's); "
+            + stream_note(report)
+        )
+        remove_backup(out)
         rows.append(row)
     return rows
 
@@ -223,8 +306,17 @@ def compression_rows(server: Server, work: Path, env: dict[str, str], size: int)
 def first_chunk_ms(server: Server, work: Path) -> float:
     report, _ = run_client(server, "backup", str(work / "small.out"))
     phases: dict[str, float] = report["phases"]  # type: ignore[assignment]
-    (work / "small.out").unlink()
+    remove_backup(work / "small.out")
     return phases["BACKUP"] * 1000
+
+
+def backup_api(src: Path, dest: Path) -> None:
+    """SQLite's online backup API, the tool safehold is measured against."""
+    with (
+        contextlib.closing(sqlite3.connect(src)) as source,
+        contextlib.closing(sqlite3.connect(dest)) as target,
+    ):
+        source.backup(target)
 
 
 def sqlite_rows(size: int, reps: int, work: Path, deadline: float) -> list[Row]:
@@ -234,21 +326,30 @@ def sqlite_rows(size: int, reps: int, work: Path, deadline: float) -> list[Row]:
     try:
 
         def native_backup(out: Path) -> None:
-            with sqlite3.connect(live) as src, sqlite3.connect(out) as dst:
-                src.backup(dst)
+            backup_api(live, out)
 
         def native_restore(archive: Path) -> None:
-            with sqlite3.connect(archive) as src, sqlite3.connect(live) as dst:
-                src.backup(dst)
+            # The same work as safehold's restore: check the upload, keep a copy
+            # of the database as it was, copy the upload in.
+            with contextlib.closing(sqlite3.connect(archive)) as upload:
+                assert upload.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+            pre = work / "native-pre-restore.sqlite"
+            backup_api(live, pre)
+            backup_api(archive, live)
+            pre.unlink()
 
-        return bench_engine(
-            f"SQLite {size // MIB} MB",
-            server=server,
-            work=work,
-            reps=reps,
-            native_backup=native_backup,
-            native_restore=native_restore,
-        )
+        label = f"SQLite {size // MIB} MB"
+        return [
+            *bench_engine(
+                label,
+                server=server,
+                work=work,
+                reps=reps,
+                native_backup=native_backup,
+                native_restore=native_restore,
+            ),
+            concurrent_backups(server, work, label),
+        ]
     finally:
         server.stop()
 
@@ -395,7 +496,7 @@ def render(rows: list[Row], first_chunks: dict[str, float], command: str) -> str
         lines.append(
             f"| {row.name} ({row.bytes / MIB:.0f} MiB moved) | "
             f"{' / '.join(f'{t:.2f}' for t in row.native)} | "
-            f"{' / '.join(f'{t:.2f}' for t in row.safehold)} | {row.ratio():.2f} | "
+            f"{' / '.join(f'{t:.2f}' for t in row.safehold)} | {row.ratio()} | "
             f"{row.server_mib:.0f} MiB | {row.client_mib:.0f} MiB | {row.note} |"
         )
     chunks = ", ".join(f"{engine}: {ms:.0f} ms" for engine, ms in first_chunks.items())
@@ -409,12 +510,15 @@ def render(rows: list[Row], first_chunks: dict[str, float], command: str) -> str
             "",
             f"Time from the call to the first chunk, small database (best of 3): {chunks}.",
             "",
-            "Times per repetition, tool and safehold alternating. For restores, the safehold "
-            "time is its RESTORING phase (the replace itself); the notes give the whole call "
-            "with upload, verification and the pre-restore backup. Backups: the tool is "
-            "`pg_dump -Fc` to a file or SQLite's online backup API to a file; restores: "
-            "`pg_restore --single-transaction` into an empty database, or the backup API "
-            "into the live file.",
+            "Times per repetition, tool and safehold alternating. Restores are the whole "
+            "call (upload, verification, pre-restore backup, replace; the notes split it). "
+            "Backups: the tool is `pg_dump -Fc` at its default compression (or at the "
+            "level named) to a file, or SQLite's online backup API to a file; safehold's "
+            "backup runs at its own default (docs/benchmarks.md says which and why). "
+            "Restores: `pg_restore --single-transaction` into an empty database, or for "
+            "SQLite the same work as safehold's: integrity_check of the upload, the backup "
+            "API into a pre-restore file, the backup API into the live file. CPU seconds "
+            "are user plus system time of the server and of the client process.",
         ]
     )
 
@@ -432,6 +536,12 @@ def main() -> None:
         type=int,
         help="instead: stream a SQLite database of this size into S3 (moto) and back",
     )
+    parser.add_argument(
+        "--time-limit-seconds",
+        type=float,
+        default=TIME_LIMIT_SECONDS,
+        help="stop building databases after this long (raise it for 5 GB)",
+    )
     args = parser.parse_args()
     if args.s3_mb:
         with tempfile.TemporaryDirectory(prefix="safehold-bench-") as tmp:
@@ -439,7 +549,7 @@ def main() -> None:
         return
     engines = args.engines.split(",")
     sizes = [int(s) * MIB for s in args.sizes_mb.split(",")]
-    deadline = time.monotonic() + TIME_LIMIT_SECONDS
+    deadline = time.monotonic() + args.time_limit_seconds
     rows: list[Row] = []
     first_chunks: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="safehold-bench-") as tmp:

@@ -58,6 +58,7 @@ def main() -> None:
                 "bytes": size,
                 "phases": phases,
                 "peak_rss_kib": _peak_rss_kib(),
+                "cpu_seconds": sum(os.times()[:2]),
             }
         )
     )

@@ -141,8 +141,10 @@ def start_server(
 
 
 def sqlite_content(path: Path) -> list[str]:
-    """The whole logical content of a SQLite database, for exact comparison."""
+    """The whole logical content of a SQLite database, for exact comparison; text
+    that is not UTF-8 (a stranger's file may hold any bytes) is kept as escapes."""
     with sqlite3.connect(path) as db:
+        db.text_factory = lambda raw: raw.decode("utf-8", "surrogateescape")
         return list(db.iterdump())
 
 

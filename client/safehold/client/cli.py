@@ -353,7 +353,7 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         choices=range(10),
         metavar="0-9",
-        help="pg_dump compression level (PostgreSQL only)",
+        help="pg_dump gzip level (PostgreSQL only; default: zstd 1 with pg_dump 16+, else gzip 1)",
     )
     backup.set_defaults(run=_backup)
 

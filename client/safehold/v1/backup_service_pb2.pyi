@@ -157,8 +157,9 @@ class BackupRequest(_message.Message):
 
     COMPRESSION_LEVEL_FIELD_NUMBER: _builtins.int
     compression_level: _builtins.int
-    """pg_dump compression level 0-9 for PostgreSQL; unset means pg_dump's
-    default. Ignored for SQLite.
+    """pg_dump gzip compression level 0-9 for PostgreSQL (0: none); unset means
+    safehold's default, zstd level 1 with pg_dump 16 or later, else gzip
+    level 1 (docs/benchmarks.md says why). Ignored for SQLite.
     """
     def __init__(
         self,

@@ -8,6 +8,7 @@ an ErrorInfo; nothing else reaches the caller.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -26,6 +27,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from safehold.contract import REQUEST_ID_KEY, DatabaseState, Reason
 from safehold.formats import engine_label
+from safehold.read_ahead import read_ahead
 from safehold.server.config import Config
 from safehold.server.engines import Engine, Notice, RestoreOptions
 from safehold.server.errors import (
@@ -63,6 +65,16 @@ Method = Callable[..., Iterator[Any]]
 _SANE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Last:
+    """A call's final message, sent only once the call has let go of everything
+    (the restore lock, the spool, a backup slot, its place among the running
+    calls): a caller who has it can start the next call at once, and a stopping
+    server does not wait for a call whose answer is already out."""
+
+    message: Any
+
+
 def _serves(operation: str | None) -> Callable[[Method], Method]:
     """Run a stream as one call: its request id on every log line and sent back
     to the caller, counted in the metrics, and any error it raises turned into
@@ -78,8 +90,15 @@ def _serves(operation: str | None) -> Callable[[Method], Method]:
                 context.send_initial_metadata(((REQUEST_ID_KEY, request_id.get()),))
                 if operation:
                     self._metrics.started(operation)
+                final = None
                 with self._calls.running(operation):
-                    yield from method(self, request, context)
+                    for item in method(self, request, context):
+                        if isinstance(item, Last):
+                            final = item.message  # the method goes on to its end first
+                        else:
+                            yield item
+                if final is not None:
+                    yield final
             except SafeholdError as err:
                 log.warning(
                     "%s failed: %s [%s] (peer %s)",
@@ -175,7 +194,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
     @_serves("backup")
     def Backup(
         self, request: pb.BackupRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.BackupResponse]:
+    ) -> Iterator[pb.BackupResponse | Last]:
         self._refuse_when_stopping()
         level = request.compression_level if request.HasField("compression_level") else None
         if level is not None and not 0 <= level <= 9:
@@ -259,12 +278,14 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
 
     def _stream_backup(
         self, level: int | None, sent: list[int]
-    ) -> Generator[pb.BackupResponse, None, None]:
+    ) -> Generator[pb.BackupResponse | Last, None, None]:
         """Manifest, chunks, trailer; sent[0] counts the chunk bytes handed to gRPC."""
         started = time.monotonic()
+        digest = hashlib.sha256()
         with (
             self._gate.reading(self._config.lock_timeout_seconds),
-            self._engine.backup(level) as chunks,
+            self._engine.backup(level) as source,
+            read_ahead(source, each=digest.update) as chunks,
         ):
             info = self._engine.info()
             created = timestamp_pb2.Timestamp()
@@ -282,10 +303,8 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
                     suggested_file_name=f"{info.database_name}-{stamp}{self._engine.file_suffix}",
                 )
             )
-            digest = hashlib.sha256()
             for chunk in chunks:
                 self._refuse_when_stopping()
-                digest.update(chunk)
                 sent[0] += len(chunk)
                 self._metrics.moved("backup", len(chunk))
                 yield pb.BackupResponse(chunk=chunk)
@@ -299,12 +318,12 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
             extra={"bytes": sent[0], "sha256": digest.hexdigest(), "seconds": round(elapsed, 3)},
         )
         self._metrics.finished("backup", elapsed)
-        yield pb.BackupResponse(trailer=pb.Digest(size_bytes=sent[0], sha256=digest.digest()))
+        yield Last(pb.BackupResponse(trailer=pb.Digest(size_bytes=sent[0], sha256=digest.digest())))
 
     @_serves("restore")
     def Restore(
         self, request_iterator: Iterator[pb.RestoreRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.RestoreResponse]:
+    ) -> Iterator[pb.RestoreResponse | Last]:
         self._refuse_when_stopping()
         started = time.monotonic()
         with IdleWatchdog(
@@ -317,7 +336,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
         requests: IdleWatchdog[pb.RestoreRequest],
         context: grpc.ServicerContext,
         started: float,
-    ) -> Iterator[pb.RestoreResponse]:
+    ) -> Iterator[pb.RestoreResponse | Last]:
         header = self._read_header(requests)
         options = RestoreOptions(
             allow_version_mismatch=header.allow_version_mismatch,
@@ -372,14 +391,13 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
                 )
                 self._metrics.finished("restore", seconds)
                 yield _phase(pb.RESTORE_PHASE_DONE, spool.size, spool.size)
-                yield pb.RestoreResponse(
-                    result=pb.RestoreResult(
-                        engine=self._engine.kind,
-                        bytes_restored=spool.size,
-                        pre_restore_backup_path=str(pre_restore),
-                        duration=elapsed,
-                    )
+                result = pb.RestoreResult(
+                    engine=self._engine.kind,
+                    bytes_restored=spool.size,
+                    pre_restore_backup_path=str(pre_restore),
+                    duration=elapsed,
                 )
+                yield Last(pb.RestoreResponse(result=result))
         except GeneratorExit:
             # The client cancelled, disconnected or ran past its deadline.
             log.warning(

@@ -38,6 +38,7 @@ from safehold.server.engines import (
     RestoreOptions,
     read_chunks,
 )
+from safehold.server.engines.postgres import compression
 from safehold.server.engines.postgres.archive import DumpHeader, major_of, read_header
 from safehold.server.engines.postgres.ownership import ownership_flags
 from safehold.server.engines.postgres.privileges import restore_blockers
@@ -113,6 +114,7 @@ class PostgresEngine:
         self._lock_timeout = lock_timeout
         self._restore_timeout = restore_timeout
         self._tools = Tools()
+        self.compression = compression.for_tools(self._tools)
 
     def info(self) -> EngineInfo:
         with self._connect() as db:
@@ -161,9 +163,10 @@ class PostgresEngine:
     @contextlib.contextmanager
     def backup(self, compression_level: int | None) -> Iterator[Iterator[bytes]]:
         self._check_pg_dump()
-        argv = self._tools.argv("pg_dump", "--format=custom", "--no-password", self._lock_wait())
-        if compression_level is not None:
-            argv.append(f"--compress={compression_level}")
+        level = self.compression.default if compression_level is None else str(compression_level)
+        argv = self._tools.argv(
+            "pg_dump", "--format=custom", "--no-password", self._lock_wait(), f"--compress={level}"
+        )
         with child(argv, self._env(), stdout=subprocess.PIPE) as dump:
             yield self._dump_chunks(dump)
 
@@ -171,7 +174,12 @@ class PostgresEngine:
         self._check_pg_dump()
         with atomic_path(dest) as tmp:
             argv = self._tools.argv(
-                "pg_dump", "--format=custom", "--no-password", self._lock_wait(), f"--file={tmp}"
+                "pg_dump",
+                "--format=custom",
+                "--no-password",
+                self._lock_wait(),
+                f"--compress={self.compression.pre_restore}",
+                f"--file={tmp}",
             )
             with child(argv, self._env()) as dump:
                 self._raise_unless_dumped(dump)

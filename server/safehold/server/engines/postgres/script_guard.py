@@ -403,15 +403,16 @@ class ScriptGuard:
                 return None
         self._line_start = False
         found = _COPY_END.search(buf, pos)
+        rows = memoryview(buf)  # the bulk of a restore: copied once, into out, not sliced first
         if found:
             self._state = "normal"
             self._line_start = True
-            out.extend(buf[pos : found.end()])
+            out.extend(rows[pos : found.end()])
             return found.end()
         keep = max(pos, len(buf) - 4) if not final else len(buf)
         if keep == pos:
             return None
-        out.extend(buf[pos:keep])
+        out.extend(rows[pos:keep])
         self._line_start = buf[keep - 1 : keep] == b"\n"
         return keep
 
