@@ -108,3 +108,23 @@ def test_without_the_16_tools_a_16_server_is_not_dumped(
     assert backup.returncode == 1
     assert "older than the PostgreSQL server 16" in backup.stderr
     assert not (tmp_path / "never.dump").exists()
+
+
+def test_a_15_server_with_16_tools_first_on_path_is_dumped_with_its_own(
+    tmp_path: Path, pg_db: PgDatabase
+) -> None:
+    """The newest tools are not always the right ones: a server of the system's major
+    is dumped by its own pg_dump, with a compression that pg_dump supports."""
+    pg_db.execute("CREATE TABLE t (x int); INSERT INTO t SELECT generate_series(1, 1000);")
+    server = serve_with_path(tmp_path, pg_db, f"{PG16}{os.pathsep}{os.environ['PATH']}")
+    try:
+        info = run_cli("info", "--json", env=server.client_env())
+        dest = tmp_path / "app.dump"
+        backup = run_cli("backup", "-o", str(dest), env=server.client_env())
+    finally:
+        server.stop()
+    assert info.returncode == 0 and backup.returncode == 0, info.stderr + backup.stderr
+    tools = json.loads(info.stdout)["tool_versions"]
+    assert tools["pg_dump"].split(".")[0] == json.loads(info.stdout)["engine_version"][:2]
+    assert not tools["pg_dump path"].startswith(str(PG16))
+    assert dest.read_bytes().startswith(b"PGDMP")

@@ -233,7 +233,8 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
         with self._backup_slot():
             frames = self._stream_backup(None, [0])
             try:
-                yield frames
+                # In process, the final frame needs no holding back (see Last).
+                yield (f.message if isinstance(f, Last) else f for f in frames)
             finally:
                 frames.close()
 

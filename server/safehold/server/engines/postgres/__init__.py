@@ -124,7 +124,8 @@ class PostgresEngine:
             blockers = restore_blockers(db)
         assert row is not None
         version = str(row[0]).split()[0]
-        self._tools.select_for(version)
+        if self._tools.select_for(version):
+            self.compression = compression.for_tools(self._tools)
         return EngineInfo(
             version=version,
             database_name=self._target.dbname,

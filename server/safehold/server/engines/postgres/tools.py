@@ -78,14 +78,17 @@ class Tools:
         self.versions: dict[str, str] = {}
         self.select_for(None)
 
-    def select_for(self, server_version: str | None) -> None:
-        """Use the copies that fit a server of server_version (see the class)."""
+    def select_for(self, server_version: str | None) -> bool:
+        """Use the copies that fit a server of server_version (see the class); whether
+        pg_dump changed (what it supports, e.g. its compression methods, may differ)."""
         major = _key(server_version)[0] if server_version else None
+        dump_before = self.paths.get("pg_dump")
         for name, copies in self.found.items():
             same = [c for c in copies if c.major == major]
             chosen = max(same or copies, key=lambda c: _key(c.version))
             self.paths[name] = chosen.path
             self.versions[name] = chosen.version
+        return self.paths["pg_dump"] != dump_before
 
     def describe(self) -> dict[str, str]:
         """Each tool's version and where it was found, for `safehold info`."""
