@@ -59,7 +59,7 @@ SAFEHOLD_VERSION = version("safehold")
 PROGRESS_EVERY_BYTES = 8 * 1024 * 1024
 """How often the receiving phase reports progress."""
 
-Method = Callable[..., Iterator[Any]]
+Method = Callable[..., Generator[Any, None, None]]
 _SANE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -82,15 +82,20 @@ def _serves(operation: str | None) -> Callable[[Method], Method]:
         @functools.wraps(method)
         def wrapper(
             self: BackupServicer, request: object, context: grpc.ServicerContext
-        ) -> Iterator[Any]:
+        ) -> Generator[Any, None, None]:
             request_id.set(_request_id_of(context))
             try:
                 context.send_initial_metadata(((REQUEST_ID_KEY, request_id.get()),))
                 if operation:
                     self._metrics.started(operation)
                 final = None
-                with self._calls.running(operation):
-                    for item in method(self, request, context):
+                with (
+                    self._calls.running(operation),
+                    contextlib.closing(method(self, request, context)) as items,
+                ):
+                    # closing(): a caller gone mid-call ends the method at once
+                    # (its locks and files go), not whenever it is collected.
+                    for item in items:
                         if isinstance(item, Last):
                             final = item.message  # the method goes on to its end first
                         else:
@@ -169,7 +174,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
     @_serves(None)
     def _server_info(
         self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.GetServerInfoResponse]:
+    ) -> Generator[pb.GetServerInfoResponse, None, None]:
         info = self._engine.info()
         newest = self.pre_restore.newest()
         yield pb.GetServerInfoResponse(
@@ -190,7 +195,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
     @_serves("backup")
     def Backup(
         self, request: pb.BackupRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.BackupResponse | Last]:
+    ) -> Generator[pb.BackupResponse | Last, None, None]:
         self._refuse_when_stopping()
         level = request.compression_level if request.HasField("compression_level") else None
         if level is not None and not 0 <= level <= 9:
@@ -261,7 +266,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
     @_serves("restore")
     def Restore(
         self, request_iterator: Iterator[pb.RestoreRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.RestoreResponse | Last]:
+    ) -> Generator[pb.RestoreResponse | Last, None, None]:
         self._refuse_when_stopping()
         started = time.monotonic()
         with IdleWatchdog(

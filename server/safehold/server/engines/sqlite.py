@@ -172,6 +172,11 @@ class SqliteEngine:
                     busy = copy.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
                     if busy is None or busy[0] != 0:
                         raise BackupFailed("cannot fold the copied WAL into the snapshot")
+            if dest.stat().st_size == 0:
+                # A database nobody has written yet is an empty file; its backup is a
+                # real SQLite file (header and empty schema), as the backup API made.
+                with contextlib.closing(_connect_file(dest, "rw")) as copy:
+                    copy.execute("VACUUM")
         except sqlite3.OperationalError as exc:
             if "locked" in str(exc) or "busy" in str(exc):
                 raise DatabaseBusy(
