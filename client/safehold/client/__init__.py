@@ -20,6 +20,8 @@ from safehold.client.errors import (
     LimitExceeded,
     RestoreFailed,
     SafeholdError,
+    SchemaNewer,
+    SettingsMismatch,
     VersionMismatch,
 )
 from safehold.client.output import OutputRefused
@@ -41,7 +43,9 @@ __all__ = [
     "RestoreFailed",
     "RestoreResult",
     "SafeholdError",
+    "SchemaNewer",
     "ServerInfo",
+    "SettingsMismatch",
     "TlsOptions",
     "VersionMismatch",
 ]

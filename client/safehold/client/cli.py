@@ -83,6 +83,7 @@ def _restore(client: Client, args: argparse.Namespace) -> int:
         args.file,
         allow_version_mismatch=args.allow_version_mismatch,
         terminate_blocking_sessions=args.terminate_blocking_sessions,
+        allow_schema_downgrade=args.allow_schema_downgrade,
         on_progress=progress,
         on_notice=show_notice,
     )
@@ -105,6 +106,7 @@ def _info(client: Client, args: argparse.Namespace) -> int:
     print(f"database:      {info.database_name} ({info.database_size_bytes} bytes)")
     for tool, tool_version in sorted(info.tool_versions.items()):
         print(f"{tool + ':':<14} {tool_version}")
+    print(f"schema:        {info.schema_version or 'unknown'}")
     print(f"safehold:      {info.safehold_version}")
     limit = str(info.max_upload_bytes) + " bytes" if info.max_upload_bytes else "none"
     print(f"upload limit:  {limit}")
@@ -252,6 +254,11 @@ def _parser() -> argparse.ArgumentParser:
         "--terminate-blocking-sessions",
         action="store_true",
         help="PostgreSQL: end sessions that hold locks instead of failing",
+    )
+    restore.add_argument(
+        "--allow-schema-downgrade",
+        action="store_true",
+        help="restore a backup whose application schema version is newer than the database's",
     )
     restore.set_defaults(run=_restore)
 

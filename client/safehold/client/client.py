@@ -82,6 +82,8 @@ class ServerInfo:
     """What the operator should fix on the server side (e.g. a superuser role)."""
     pre_restore_directory: str = ""
     newest_pre_restore_backup: str = ""
+    schema_version: str = ""
+    """The application's schema version of the database; empty when unknown."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,8 @@ class BackupResult:
     engine_version: str
     database_name: str
     created_at: datetime
+    schema_version: str = ""
+    """The application's schema version in the backup; empty when unknown."""
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,7 @@ class Client:
                 warnings=list(reply.warnings),
                 pre_restore_directory=reply.pre_restore_directory,
                 newest_pre_restore_backup=reply.newest_pre_restore_backup,
+                schema_version=reply.schema_version,
             )
 
         return self._retrying(call)
@@ -196,13 +201,16 @@ class Client:
         *,
         allow_version_mismatch: bool = False,
         terminate_blocking_sessions: bool = False,
+        allow_schema_downgrade: bool = False,
         on_progress: ProgressCallback | None = None,
         on_notice: NoticeCallback | None = None,
     ) -> RestoreResult:
         """Replace the server's database with the backup at src.
 
         Refuses, before sending a byte, a file that is no backup or is for
-        another engine than the server's.
+        another engine than the server's. The server refuses a backup whose
+        application schema is newer than the database's (SchemaNewer) unless
+        allow_schema_downgrade.
         """
         src = Path(src)
         with open(src, "rb") as f:
@@ -225,6 +233,7 @@ class Client:
             expected_size_bytes=src.stat().st_size,
             allow_version_mismatch=allow_version_mismatch,
             terminate_blocking_sessions=terminate_blocking_sessions,
+            allow_schema_downgrade=allow_schema_downgrade,
         )
         return self._retrying(lambda: self._restore_once(src, header, on_progress, on_notice))
 
@@ -259,6 +268,7 @@ class Client:
                     engine_version=manifest.engine_version,
                     database_name=manifest.database_name,
                     created_at=manifest.created_at.ToDatetime(),
+                    schema_version=manifest.schema_version,
                 )
                 path = sink.commit(_sidecar(result, manifest))
             return dataclasses.replace(result, path=path)
@@ -510,6 +520,7 @@ def _sidecar(result: BackupResult, manifest: pb.BackupManifest) -> bytes:
                 "database_name": result.database_name,
                 "created_at": result.created_at.isoformat() + "Z",
                 "safehold_version": manifest.safehold_version,
+                "schema_version": manifest.schema_version or None,
                 "size_bytes": result.size_bytes,
                 "sha256": result.sha256,
             },

@@ -188,6 +188,7 @@ class BackupManifest(_message.Message):
     DATABASE_NAME_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     SUGGESTED_FILE_NAME_FIELD_NUMBER: _builtins.int
+    SCHEMA_VERSION_FIELD_NUMBER: _builtins.int
     engine: Global___Engine.ValueType
     """Engine that produced the backup."""
     engine_version: _builtins.str
@@ -200,6 +201,11 @@ class BackupManifest(_message.Message):
     """Name of the database backed up."""
     suggested_file_name: _builtins.str
     """A file name for the backup, e.g. `app-20261126T081200Z.dump`."""
+    schema_version: _builtins.str
+    """The application's schema version in the backup (e.g. the newest TypeORM
+    migration's timestamp), as the server's schema version query read it;
+    empty when unknown.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When the snapshot was taken."""
@@ -214,10 +220,11 @@ class BackupManifest(_message.Message):
         database_name: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         suggested_file_name: _builtins.str = ...,
+        schema_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "database_name", b"database_name", "dump_format", b"dump_format", "engine", b"engine", "engine_version", b"engine_version", "safehold_version", b"safehold_version", "suggested_file_name", b"suggested_file_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "database_name", b"database_name", "dump_format", b"dump_format", "engine", b"engine", "engine_version", b"engine_version", "safehold_version", b"safehold_version", "schema_version", b"schema_version", "suggested_file_name", b"suggested_file_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -269,6 +276,7 @@ class RestoreHeader(_message.Message):
     EXPECTED_SIZE_BYTES_FIELD_NUMBER: _builtins.int
     ALLOW_VERSION_MISMATCH_FIELD_NUMBER: _builtins.int
     TERMINATE_BLOCKING_SESSIONS_FIELD_NUMBER: _builtins.int
+    ALLOW_SCHEMA_DOWNGRADE_FIELD_NUMBER: _builtins.int
     engine: Global___Engine.ValueType
     """The engine the client believes the backup is for; the server refuses a
     mismatch with FAILED_PRECONDITION before the upload starts.
@@ -285,6 +293,11 @@ class RestoreHeader(_message.Message):
     """PostgreSQL: end other sessions that hold locks on the database instead of
     waiting for them and failing.
     """
+    allow_schema_downgrade: _builtins.bool
+    """Restore a backup whose application schema version is newer than the
+    database's (reported as a notice instead of refused with SCHEMA_NEWER).
+    The server reads the version from the upload itself, never from the client.
+    """
     def __init__(
         self,
         *,
@@ -292,10 +305,11 @@ class RestoreHeader(_message.Message):
         expected_size_bytes: _builtins.int | None = ...,
         allow_version_mismatch: _builtins.bool = ...,
         terminate_blocking_sessions: _builtins.bool = ...,
+        allow_schema_downgrade: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_size_bytes", b"_expected_size_bytes", "expected_size_bytes", b"expected_size_bytes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_size_bytes", b"_expected_size_bytes", "allow_version_mismatch", b"allow_version_mismatch", "engine", b"engine", "expected_size_bytes", b"expected_size_bytes", "terminate_blocking_sessions", b"terminate_blocking_sessions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_size_bytes", b"_expected_size_bytes", "allow_schema_downgrade", b"allow_schema_downgrade", "allow_version_mismatch", b"allow_version_mismatch", "engine", b"engine", "expected_size_bytes", b"expected_size_bytes", "terminate_blocking_sessions", b"terminate_blocking_sessions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expected_size_bytes: _TypeAlias = _typing.Literal["expected_size_bytes"]  # noqa: Y015
     _WhichOneofArgType__expected_size_bytes: _TypeAlias = _typing.Literal["_expected_size_bytes", b"_expected_size_bytes"]  # noqa: Y015
@@ -385,7 +399,7 @@ class RestoreNotice(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
     """Machine-readable kind, e.g. VERSION_MISMATCH, PRE_RESTORE_BACKUP,
-    OWNERSHIP_SKIPPED, ENGINE_OUTPUT.
+    OWNERSHIP_SKIPPED, ENGINE_OUTPUT, SCHEMA_OLDER, SCHEMA_NEWER, SCHEMA_UNKNOWN.
     """
     message: _builtins.str
     """Human-readable text."""
@@ -530,6 +544,7 @@ class GetServerInfoResponse(_message.Message):
     PRE_RESTORE_DIRECTORY_FIELD_NUMBER: _builtins.int
     NEWEST_PRE_RESTORE_BACKUP_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
+    SCHEMA_VERSION_FIELD_NUMBER: _builtins.int
     engine: Global___Engine.ValueType
     """Engine of the database."""
     engine_version: _builtins.str
@@ -546,6 +561,10 @@ class GetServerInfoResponse(_message.Message):
     """Directory of the pre-restore backups, one file per restore, newest kept."""
     newest_pre_restore_backup: _builtins.str
     """Path of the most recent pre-restore backup; empty before the first restore."""
+    schema_version: _builtins.str
+    """The application's schema version of the database (see
+    BackupManifest.schema_version); empty when unknown.
+    """
     @_builtins.property
     def tool_versions(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Versions of the tools the server runs, e.g. pg_dump and pg_restore."""
@@ -569,10 +588,11 @@ class GetServerInfoResponse(_message.Message):
         pre_restore_directory: _builtins.str = ...,
         newest_pre_restore_backup: _builtins.str = ...,
         warnings: _abc.Iterable[_builtins.str] | None = ...,
+        schema_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["database_name", b"database_name", "database_size_bytes", b"database_size_bytes", "engine", b"engine", "engine_version", b"engine_version", "max_upload_bytes", b"max_upload_bytes", "newest_pre_restore_backup", b"newest_pre_restore_backup", "pre_restore_directory", b"pre_restore_directory", "safehold_version", b"safehold_version", "tool_versions", b"tool_versions", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database_name", b"database_name", "database_size_bytes", b"database_size_bytes", "engine", b"engine", "engine_version", b"engine_version", "max_upload_bytes", b"max_upload_bytes", "newest_pre_restore_backup", b"newest_pre_restore_backup", "pre_restore_directory", b"pre_restore_directory", "safehold_version", b"safehold_version", "schema_version", b"schema_version", "tool_versions", b"tool_versions", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

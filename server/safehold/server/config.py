@@ -23,6 +23,9 @@ N = TypeVar("N", int, float)
 DEFAULT_LISTEN = "127.0.0.1:50051"
 EMBEDDED_SQLITE_NAME = "safehold.sqlite"
 """The database `safehold serve` creates in its data dir when none is configured."""
+TYPEORM_SCHEMA_QUERY = 'SELECT max("timestamp") FROM migrations'
+"""GameVault's schema version: TypeORM records each migration it ran in `migrations`
+(id, timestamp bigint, name); the newest timestamp is the schema's version."""
 
 
 class ConfigError(Exception):
@@ -75,6 +78,8 @@ class Config:
     max_concurrent_backups: int
     log_json: bool
     metrics_listen: str | None
+    schema_version_query: str | None = None
+    """The application's schema version; None detects common migration tables."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -158,6 +163,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "default 600 " + env % "SAFEHOLD_INSPECT_TIMEOUT",
     )
     parser.add_argument(
+        "--schema-version-query",
+        help="read-only SQL giving the application's schema version (one row, one value "
+        "that orders); default with GameVault's DB_* variables: TypeORM's migrations table, "
+        "otherwise common migration tables are detected " + env % "SAFEHOLD_SCHEMA_VERSION_QUERY",
+    )
+    parser.add_argument(
         "--metrics-listen",
         help="serve Prometheus metrics on host:port, e.g. 127.0.0.1:9464; off by default "
         + env % "SAFEHOLD_METRICS_LISTEN",
@@ -231,6 +242,8 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         ),
         log_json=(pick(args.log_json, "LOG_JSON") or "").lower() in ("1", "true", "yes"),
         metrics_listen=pick(args.metrics_listen, "METRICS_LISTEN"),
+        schema_version_query=pick(args.schema_version_query, "SCHEMA_VERSION_QUERY")
+        or (TYPEORM_SCHEMA_QUERY if url and url == _gamevault_url(environ) else None),
     )
 
 

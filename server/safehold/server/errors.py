@@ -85,6 +85,16 @@ class VersionMismatch(SafeholdError):
     reason = Reason.VERSION_MISMATCH
 
 
+class SchemaNewer(SafeholdError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = Reason.SCHEMA_NEWER
+
+
+class SettingsMismatch(SafeholdError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = Reason.SETTINGS_MISMATCH
+
+
 class NotABackup(SafeholdError):
     code = grpc.StatusCode.INVALID_ARGUMENT
     reason = Reason.NOT_A_BACKUP

@@ -40,6 +40,8 @@ class EngineInfo:
     tool_versions: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     """What the operator should fix, such as a role with more rights than it needs."""
+    schema_version: str = ""
+    """The application's schema version (schema_version.py); empty when unknown."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class RestoreOptions:
 
     allow_version_mismatch: bool = False
     terminate_blocking_sessions: bool = False
+    allow_schema_downgrade: bool = False
 
 
 class Engine(Protocol):
@@ -102,7 +105,12 @@ def open_engine(config: Config) -> Engine:
     if isinstance(config.target, PostgresTarget):
         from safehold.server.engines.postgres import PostgresEngine
 
-        return PostgresEngine(config.target, config.password, config.lock_timeout_seconds)
+        return PostgresEngine(
+            config.target,
+            config.password,
+            config.lock_timeout_seconds,
+            schema_query=config.schema_version_query,
+        )
     from safehold.server.engines.sqlite import SqliteEngine
 
     return SqliteEngine(
@@ -110,4 +118,5 @@ def open_engine(config: Config) -> Engine:
         config.spool_dir,
         config.lock_timeout_seconds,
         inspect_timeout=config.inspect_timeout_seconds,
+        schema_query=config.schema_version_query,
     )

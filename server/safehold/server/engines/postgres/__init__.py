@@ -26,6 +26,7 @@ import psycopg
 
 from safehold.files import atomic_path
 from safehold.formats import SNIFF_BYTES, sniff
+from safehold.server import schema_version
 from safehold.server.config import PostgresTarget
 from safehold.server.engines import (
     CHUNK_BYTES,
@@ -94,11 +95,19 @@ class PostgresEngine:
     dump_format = pb.DUMP_FORMAT_PG_CUSTOM
     file_suffix = ".dump"
 
-    def __init__(self, target: PostgresTarget, password: str, lock_timeout: float) -> None:
+    def __init__(
+        self,
+        target: PostgresTarget,
+        password: str,
+        lock_timeout: float,
+        *,
+        schema_query: str | None = None,
+    ) -> None:
         self._target = target
         self._password = password
         self._lock_timeout = lock_timeout
         self._tools = Tools()
+        self._schema_queries = schema_version.queries(schema_query)
 
     def info(self) -> EngineInfo:
         with self._connect() as db:
@@ -112,7 +121,20 @@ class PostgresEngine:
             size_bytes=int(row[1]),
             tool_versions={**self._tools.versions, "psql (minimum)": MINIMUM_PSQL},
             warnings=self.role_warnings(),
+            schema_version=self.live_schema_version().value or "",
         )
+
+    def live_schema_version(self) -> schema_version.SchemaVersion:
+        """The database's schema version, each query read-only in its own
+        transaction, bounded by the lock timeout."""
+        timeout_ms = int(self._lock_timeout * 1000)
+        with self._connect() as db:
+            db.execute("SET default_transaction_read_only = on")
+            db.execute(f"SET lock_timeout = {timeout_ms}".encode())
+            db.execute(f"SET statement_timeout = {timeout_ms}".encode())
+            return schema_version.read(
+                lambda sql: db.execute(sql.encode()).fetchall(), self._schema_queries, psycopg.Error
+            )
 
     def role_warnings(self) -> list[str]:
         """What the role may do beyond its database: a restored dump runs with it."""
