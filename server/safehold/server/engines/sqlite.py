@@ -159,6 +159,7 @@ class SqliteEngine:
         deadline = time.monotonic() + self._inspect_timeout
         try:
             with contextlib.closing(_connect_untrusted(path, deadline, writable=True)) as db:
+                db.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 1)  # VACUUM attaches its new copy
                 db.execute(f"PRAGMA page_size = {_page_size(live)}")
                 db.execute("VACUUM")
         except sqlite3.Error as exc:
