@@ -43,7 +43,7 @@ def _made(tmp: Path, how: str, *pragmas: str) -> Path:
     return source
 
 
-def _copy_of(how: str, make: Callable[[Path, Path], None]) -> Callable[[Path], Path]:
+def _copy_of(how: str, make: Callable[[Path, Path], object]) -> Callable[[Path], Path]:
     def build(tmp: Path) -> Path:
         source, dest = _made(tmp, how, "journal_mode = WAL"), tmp / f"{how}.sqlite"
         make(source, dest)
