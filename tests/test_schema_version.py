@@ -22,7 +22,7 @@ from safehold.contract import DatabaseState, Reason
 from safehold.server import config
 from safehold.server.schema_version import SchemaVersion, compare, from_rows, judge
 
-ENGINES = ["sqlite"]
+ENGINES = ["sqlite", "postgresql"]
 TYPEORM = """
 CREATE TABLE migrations (
     id integer PRIMARY KEY, "timestamp" bigint NOT NULL, name varchar NOT NULL

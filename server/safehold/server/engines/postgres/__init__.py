@@ -38,6 +38,7 @@ from safehold.server.engines import (
 )
 from safehold.server.engines.postgres.archive import DumpHeader, major_of, read_header
 from safehold.server.engines.postgres.ownership import ownership_flags
+from safehold.server.engines.postgres.schema_probe import SchemaProbe
 from safehold.server.engines.postgres.script_guard import ScriptGuard, UnsafeScript
 from safehold.server.engines.postgres.session import Replay, TransactionEscaped
 from safehold.server.engines.postgres.tools import (
@@ -54,6 +55,7 @@ from safehold.server.errors import (
     EngineMismatch,
     NotABackup,
     RestoreFailed,
+    SchemaNewer,
     VersionMismatch,
 )
 from safehold.v1 import backup_service_pb2 as pb
@@ -191,6 +193,9 @@ class PostgresEngine:
         argv = self._tools.argv("psql", "-X", "--no-password", "-v", "ON_ERROR_STOP=1")
         archive = header.dump_format != pb.DUMP_FORMAT_PG_PLAIN
         flags = ownership_flags(self._tools, path, self._connect, notify) if archive else []
+        live = self.live_schema_version()
+        probe = SchemaProbe(self._schema_queries)
+        schema_notices: list[Notice] = []
         with child(argv, self._env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE) as psql:
             session = Replay(psql)
             committed = False
@@ -201,10 +206,16 @@ class PostgresEngine:
                 else:
                     with open(path, "rb") as script:
                         session.replay(read_chunks(script), archive=False)
-                committed = session.commit()
+                printed = session.finish(probe.sql(), probe.value())
+                if printed is not None:
+                    # Raises SchemaNewer before the COMMIT: the transaction rolls back.
+                    schema_notices = schema_version.judge(
+                        probe.read(printed), live, options.allow_schema_downgrade
+                    )
+                    committed = session.commit()
             except BrokenPipeError:
                 pass  # psql stopped at an error; its exit code and stderr say which
-            except (UnsafeScript, TransactionEscaped, RestoreFailed) as exc:
+            except (UnsafeScript, TransactionEscaped, RestoreFailed, SchemaNewer) as exc:
                 psql.process.kill()  # before its input closes: psql would run what it holds
                 psql.wait()
                 escaped = session.escaped()
@@ -224,6 +235,8 @@ class PostgresEngine:
             for line in psql.stderr_lines():
                 if line and not any(h in line for h in _HARMLESS_OUTPUT):
                     notify(Notice("ENGINE_OUTPUT", f"psql: {line}"))
+            for notice in schema_notices:
+                notify(notice)
 
     def _replay_archive(self, session: Replay, path: Path, flags: list[str]) -> None:
         """Feed pg_restore's script to psql through the guard; pg_restore must exit
