@@ -311,3 +311,51 @@ def test_gamevault_environment_defaults_to_typeorm_and_a_flag_wins(tmp_path: Pat
     assert config.load(parser.parse_args([]), environ).schema_version_query == "SELECT 2"
     plain = {"SAFEHOLD_DATA_DIR": str(tmp_path), "SAFEHOLD_DATABASE_URL": "sqlite:///x.sqlite"}
     assert config.load(parser.parse_args([]), plain).schema_version_query is None
+
+
+HOSTILE_TAILS = {
+    "a temporary table in front": (
+        'CREATE TEMP TABLE migrations (id integer, "timestamp" bigint, name varchar);\n'
+        "INSERT INTO migrations VALUES (1, 1, 'Fake1');\n"
+    ),
+    "catalog functions shadowed": (
+        "SELECT pg_catalog.set_config('search_path', 'public', false);\n"
+        "CREATE FUNCTION public.txid_current() RETURNS bigint LANGUAGE sql AS 'SELECT 1';\n"
+        "CREATE FUNCTION public.current_setting(text, boolean) RETURNS text LANGUAGE sql\n"
+        '    AS $$SELECT \'{"rows": "[{\\"v\\": 1}]"}\'$$;\n'
+        "CREATE FUNCTION public.fake(text, bigint) RETURNS text LANGUAGE sql AS 'SELECT $1';\n"
+        "CREATE OPERATOR public.|| (LEFTARG = text, RIGHTARG = bigint, FUNCTION = public.fake);\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("tail", HOSTILE_TAILS)
+def test_an_upload_cannot_hide_its_postgresql_schema_version(
+    pg_cluster: object, tmp_path: Path, tail: str
+) -> None:
+    """The version is read from the upload's real migrations table with safehold's
+    own catalog functions, whatever the upload defined to stand in for them."""
+    pg = new_pg_database(pg_cluster)  # type: ignore[arg-type]
+    pg.execute(TYPEORM)
+    script = (
+        "SET standard_conforming_strings = on;\n"
+        + TYPEORM.replace("CREATE TABLE ", "CREATE TABLE public.").replace(
+            "INSERT INTO ", "INSERT INTO public."
+        )
+        + MIGRATION_3.replace("INTO ", "INTO public.")
+        + ";\n"
+        + HOSTILE_TAILS[tail]
+    )
+    upload = tmp_path / "newer.sql"
+    upload.write_text(script)
+    server = start_server(tmp_path, pg.url, PASSWORD)
+    try:
+        with Client(server.target, PASSWORD) as client, pytest.raises(SchemaNewer) as refused:
+            client.restore(upload)
+    finally:
+        server.stop()
+    assert refused.value.database_state == DatabaseState.UNCHANGED
+    assert "1700000000003" in refused.value.message
+    with pg.connect() as db:
+        assert db.execute('SELECT max("timestamp") FROM migrations').fetchone() == (1700000000002,)
+        assert db.execute("SELECT count(*) FROM pg_proc WHERE proname = 'fake'").fetchone() == (0,)

@@ -50,8 +50,8 @@ class SchemaProbe:
         # Built from safehold's own text, random names and the operator's configured
         # queries, each dollar-quoted with a random tag: nothing from the upload.
         return (
-            "SET LOCAL search_path = pg_catalog;\n"  # noqa: S608
-            "SET LOCAL statement_timeout = 0;\n"
+            "SET LOCAL statement_timeout = 0;\n"  # noqa: S608
+            "SET LOCAL search_path = pg_catalog;\n"
             f"DO {outer}\n"
             "DECLARE\n"
             "    app_path text;\n    found text;\n    failure text;\n    outcome text := '';\n"
