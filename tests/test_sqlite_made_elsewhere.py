@@ -137,6 +137,15 @@ def test_another_text_encoding_is_refused_before_anything_is_touched(
         assert not (server.data_dir / "pre-restore").exists() or not any(
             (server.data_dir / "pre-restore").iterdir()
         )
+
+        # What the message (and README) says to do works: `sqlite3 B .dump | sqlite3 C`.
+        converted = tmp_path / "converted.sqlite"
+        dump = subprocess.run(["sqlite3", str(backup), ".dump"], capture_output=True, check=True)
+        subprocess.run(["sqlite3", str(converted)], input=dump.stdout, check=True)
+        with Client(server.target, PASSWORD) as client:
+            client.restore(converted)
+        assert held.execute("SELECT how FROM made_elsewhere").fetchone() == (encoding,)
+        assert sqlite_content(live) == sqlite_content(backup)
     finally:
         held.close()
         server.stop()
