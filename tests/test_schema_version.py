@@ -128,6 +128,8 @@ def test_info_manifest_and_sidecar_carry_the_schema_version(
     assert sidecar["schema_version"] == "1700000000002"
     info = run_cli("info", "--json", env=gamevault.server.client_env())
     assert json.loads(info.stdout)["schema_version"] == "1700000000002"
+    text = run_cli("info", env=gamevault.server.client_env()).stdout
+    assert "schema:        1700000000002\n" in text
 
 
 def test_newer_backup_is_refused_and_changes_nothing(gamevault: Live, tmp_path: Path) -> None:
