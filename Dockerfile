@@ -20,13 +20,17 @@ COPY client ./client
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir .
 
+# Health checks also answer in plaintext on the container's own loopback, so
+# that the HEALTHCHECK works when TLS or mutual TLS is on (BackupService calls
+# there are refused when TLS is configured).
 ENV PATH="/opt/venv/bin:${PATH}" \
     SAFEHOLD_DATA_DIR=/data \
-    SAFEHOLD_LISTEN=0.0.0.0:50051
+    SAFEHOLD_LISTEN=0.0.0.0:50051 \
+    SAFEHOLD_HEALTH_LISTEN=127.0.0.1:50052
 USER 10001:10001
 VOLUME ["/data"]
 EXPOSE 50051
 HEALTHCHECK --interval=30s --timeout=10s --start-period=10s --retries=3 \
-    CMD ["safehold", "health", "--target", "127.0.0.1:50051", "--connect-timeout", "5"]
+    CMD ["safehold", "health", "--target", "127.0.0.1:50052", "--connect-timeout", "5"]
 ENTRYPOINT ["safehold"]
 CMD ["serve"]

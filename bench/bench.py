@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from helpers import Server, start_server  # noqa: E402
 from pg import Cluster, cluster  # noqa: E402
+from s3server import s3_server  # noqa: E402
 
 PASSWORD = "bench password with spaces"
 MIB = 1024 * 1024
@@ -66,11 +67,13 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def run_client(server: Server, *args: str) -> tuple[dict[str, object], float]:
+def run_client(
+    server: Server, *args: str, env: dict[str, str] | None = None
+) -> tuple[dict[str, object], float]:
     """bench/client_run.py in its own process: its JSON report and peak RSS in MiB."""
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "client_run.py"), *args],
-        env=server.client_env(),
+        env={**server.client_env(), **(env or {})},
         stdout=subprocess.PIPE,
         check=True,
     )
@@ -313,6 +316,56 @@ def small_first_chunk(engine: str, pg: Cluster | None, work: Path) -> float:
         server.stop()
 
 
+def s3_report(size: int, work: Path, deadline: float) -> str:
+    """A SQLite database of size streamed into S3 (moto on loopback) and restored from it,
+    plain and age-encrypted: time and the client's peak RSS, which the multipart part
+    size and parts in flight bound, not the backup's size."""
+    import pyrage
+
+    from safehold.repository.s3 import PART_SIZE, PARTS_IN_FLIGHT
+
+    live = work / "live.sqlite"
+    build_sqlite(live, size, deadline)
+    identity = pyrage.x25519.Identity.generate()
+    key = work / "key.txt"
+    key.write_text(f"{identity}\n")
+    lines = [
+        f"Run {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC on {machine()}; "
+        f"part size {PART_SIZE // MIB} MiB, {PARTS_IN_FLIGHT} parts in flight.",
+        "",
+        "| operation | MiB | seconds | MiB/s | client peak RSS | server peak RSS |",
+        "|---|---|---|---|---|---|",
+    ]
+    server = start_server(work, f"sqlite:///{live}", PASSWORD)
+    try:
+        with s3_server(str(work / "moto.log")) as s3:
+            s3.client().create_bucket(Bucket="bench")
+            public = ["--recipient", str(identity.to_public())]
+            runs = [
+                ("backup into S3", "backup-to", "s3://bench/plain", []),
+                ("restore --latest from S3", "restore-latest", "s3://bench/plain", []),
+                ("backup into S3, age", "backup-to", "s3://bench/age", public),
+                (
+                    "restore --latest, age",
+                    "restore-latest",
+                    "s3://bench/age",
+                    ["--identity", str(key)],
+                ),
+            ]
+            for label, op, url, extra in runs:
+                reset_server_peak(server)
+                report, client_mib = run_client(server, op, url, *extra, env=s3.env)
+                seconds = float(report["seconds"])  # type: ignore[arg-type]
+                mib = int(report["bytes"]) / MIB  # type: ignore[call-overload]
+                lines.append(
+                    f"| {label} | {mib:.0f} | {seconds:.1f} | {mib / seconds:.0f} | "
+                    f"{client_mib:.0f} MiB | {server_peak_mib(server):.0f} MiB |"
+                )
+    finally:
+        server.stop()
+    return "\n".join(lines)
+
+
 def machine() -> str:
     cpu = next(
         (
@@ -374,7 +427,16 @@ def main() -> None:
     parser.add_argument("--sizes-mb", default="100")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--write", type=Path, help="write the results into this Markdown file")
+    parser.add_argument(
+        "--s3-mb",
+        type=int,
+        help="instead: stream a SQLite database of this size into S3 (moto) and back",
+    )
     args = parser.parse_args()
+    if args.s3_mb:
+        with tempfile.TemporaryDirectory(prefix="safehold-bench-") as tmp:
+            print(s3_report(args.s3_mb * MIB, Path(tmp), time.monotonic() + TIME_LIMIT_SECONDS))
+        return
     engines = args.engines.split(",")
     sizes = [int(s) * MIB for s in args.sizes_mb.split(",")]
     deadline = time.monotonic() + TIME_LIMIT_SECONDS

@@ -14,13 +14,16 @@ import time
 from pathlib import Path
 
 from safehold.client import Client, Progress
+from safehold.repository import crypto, open_repository
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("op", choices=["backup", "restore"])
-    parser.add_argument("path")
+    parser.add_argument("op", choices=["backup", "restore", "backup-to", "restore-latest"])
+    parser.add_argument("path", help="a file, or for backup-to/restore-latest a repository")
     parser.add_argument("--compression-level", type=int)
+    parser.add_argument("--recipient", action="append", default=[])
+    parser.add_argument("--identity", type=Path, action="append", default=[])
     args = parser.parse_args()
     phases: dict[str, float] = {}
     started = time.perf_counter()
@@ -34,6 +37,18 @@ def main() -> None:
                 args.path, compression_level=args.compression_level, on_progress=on_progress
             )
             size = result.size_bytes
+        elif args.op == "backup-to":
+            recipients = crypto.load_recipients(args.recipient, [])
+            manifest = client.backup_to(
+                open_repository(args.path), recipients=recipients, on_progress=on_progress
+            )
+            size = manifest.size_bytes
+        elif args.op == "restore-latest":
+            repository = open_repository(args.path)
+            identities = crypto.load_identities(args.identity)
+            size = client.restore_backup(
+                repository, repository.latest(), identities=identities, on_progress=on_progress
+            ).bytes_restored
         else:
             size = client.restore(args.path, on_progress=on_progress).bytes_restored
     print(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -121,3 +122,20 @@ def pg_server(tmp_path: Path, pg_db: PgDatabase) -> Iterator[Server]:
 def pg_client(pg_server: Server) -> Iterator[Client]:
     with Client(pg_server.target, pg_server.password) as c:
         yield c
+
+
+@pytest.fixture
+def metered(tmp_path: Path, sqlite_db: Path) -> Iterator[tuple[Server, str]]:
+    """A SQLite server logging JSON and serving metrics; it and its /metrics URL."""
+    server = start_server(
+        tmp_path,
+        f"sqlite:///{sqlite_db}",
+        PASSWORD,
+        "--log-json",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    )
+    port = re.search(r"metrics on \S+ \(port (\d+)\)", server.log())
+    assert port
+    yield server, f"http://127.0.0.1:{port.group(1)}/metrics"
+    server.stop()

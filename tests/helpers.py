@@ -80,6 +80,7 @@ def start_server(
     password: str,
     *extra_args: str,
     env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> Server:
     """Start `safehold serve` on a free loopback port and wait until it listens."""
     data_dir = tmp / "safehold-data"
@@ -97,6 +98,7 @@ def start_server(
             stdout=log,
             stderr=subprocess.STDOUT,
             env=environ,
+            cwd=cwd,
         )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -196,3 +198,20 @@ def held_before_trailer(
         if item.WhichOneof("frame") == "trailer":
             gate.wait(30)
         yield item
+
+
+def children_named(parent: int, name: str) -> list[int]:
+    """Pids of parent's child processes running the program called name."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and any(Path(arg.decode()).name == name for arg in cmdline[:1]):
+            found.append(int(entry.name))
+    return found

@@ -90,3 +90,40 @@ def test_password_file_and_no_password_flag(tmp_path: Path) -> None:
 def test_bad_urls_say_what_to_fix(url: str) -> None:
     with pytest.raises(ConfigError):
         config.parse_database_url(url)
+
+
+def test_stall_timeout_and_its_upload_idle_alias(tmp_path: Path) -> None:
+    env = {"SAFEHOLD_DATA_DIR": str(tmp_path)}
+    assert load([], env).stall_timeout_seconds == 60
+    assert load(["--stall-timeout", "5"], env).stall_timeout_seconds == 5
+    assert load(["--upload-idle-timeout", "7"], env).stall_timeout_seconds == 7
+    assert load([], {**env, "SAFEHOLD_STALL_TIMEOUT": "9"}).stall_timeout_seconds == 9
+    assert load([], {**env, "SAFEHOLD_UPLOAD_IDLE_TIMEOUT": "11"}).stall_timeout_seconds == 11
+    with pytest.raises(ConfigError, match="stall timeout must not be negative"):
+        load(["--stall-timeout", "-1"], env)
+
+
+def test_gamevault_defaults_are_gamevaults(tmp_path: Path) -> None:
+    base = {"SAFEHOLD_DATA_DIR": str(tmp_path)}
+    assert load([], {**base, "DB_HOST": "db"}).target == PostgresTarget(
+        "db", 5432, "default", "gamevault"
+    )
+    assert load([], {**base, "DB_PASSWORD": "pw"}).password == "pw"
+    assert load([], {**base, "DB_SYSTEM": "sqlite"}).target == SqliteTarget(
+        Path("/db/database.sqlite")
+    )
+    assert load([], base).target == SqliteTarget(tmp_path / "safehold.sqlite")
+    with pytest.raises(ConfigError, match="DB_SYSTEM must be"):
+        load([], {**base, "DB_SYSTEM": "mysql"})
+
+
+def test_a_database_url_uses_no_db_value(tmp_path: Path) -> None:
+    env = {
+        "SAFEHOLD_DATA_DIR": str(tmp_path),
+        "SAFEHOLD_DATABASE_URL": "postgresql://app@127.0.0.1/app",
+        "DB_PASSWORD": "gamevaults-password",
+        "DB_HOST": "elsewhere",
+    }
+    with pytest.raises(ConfigError, match="no database password"):
+        load([], env)
+    assert load([], {**env, "SAFEHOLD_PASSWORD": "own"}).password == "own"

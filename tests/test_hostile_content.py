@@ -415,3 +415,21 @@ def test_a_psql_without_restrict_keeps_the_server_from_starting(
     assert run.returncode != 0
     assert "psql 15.13 cannot restrict" in run.stderr + run.stdout
     assert "15.14" in run.stderr + run.stdout
+
+
+def test_a_dump_that_sleeps_cannot_hold_the_database(victim: PgDatabase, tmp_path: Path) -> None:
+    """The content is the uploader's to choose, but not how long it holds the
+    database's locks: past --restore-timeout psql is ended and nothing commits."""
+    before = fingerprint(victim)
+    server = start_server(tmp_path, victim.url, victim.password, "--restore-timeout", "3")
+    try:
+        data = (HEADER + NEW_CONTENT + "SELECT pg_catalog.pg_sleep(600);\n").encode()
+        _, err = upload(server, data)
+        assert err is not None
+        assert error_reason(err) == (grpc.StatusCode.ABORTED, "RESTORE_FAILED", "UNCHANGED")
+        assert "--restore-timeout" in str(err.details())
+        assert fingerprint(victim) == before
+        with victim.connect() as db:  # the application gets its tables back at once
+            db.execute("SET lock_timeout = '5s'; ALTER TABLE public.precious ADD COLUMN n int")
+    finally:
+        server.stop()

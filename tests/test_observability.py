@@ -8,56 +8,46 @@ import urllib.request
 from pathlib import Path
 
 from conftest import PASSWORD
-from helpers import frames, raw_restore, start_server
+from helpers import Server, frames, raw_restore, start_server
 
 from safehold.client import Client
 from safehold.v1 import backup_service_pb2_grpc as pb_grpc
 
 
 def test_json_logs_carry_the_request_id_and_metrics_count_calls(
-    tmp_path: Path, sqlite_db: Path
+    tmp_path: Path, metered: tuple[Server, str]
 ) -> None:
-    server = start_server(
-        tmp_path,
-        f"sqlite:///{sqlite_db}",
-        PASSWORD,
-        "--log-json",
-        "--metrics-listen",
-        "127.0.0.1:0",
-    )
-    try:
-        port = int(re.search(r"metrics on \S+ \(port (\d+)\)", server.log()).group(1))  # type: ignore[union-attr]
-        with Client(server.target, PASSWORD) as client:
-            backup = client.backup(tmp_path / "b.sqlite")
-        with server.channel() as channel:
-            call = pb_grpc.BackupServiceStub(channel).Restore(
-                iter(frames(backup.path.read_bytes())),
-                metadata=(*server.metadata(), ("x-request-id", "restore-from-test-42")),
-            )
-            responses = list(call)
-            assert responses[-1].WhichOneof("frame") == "result"
-            assert ("x-request-id", "restore-from-test-42") in call.initial_metadata()
-        _, err = raw_restore(server, frames(b"not a backup"))
-        assert err is not None
-
-        lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
-        restore_lines = [e["message"] for e in lines if e["request_id"] == "restore-from-test-42"]
-        assert any("restore phase RESTORING" in m for m in restore_lines)
-        assert any("restore finished" in m for m in restore_lines)
-        backup_ids = {e["request_id"] for e in lines if "backup of" in e["message"]}
-        assert len(backup_ids) == 1 and "-" not in backup_ids
-
-        scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
-        metrics = scrape.decode()
-        assert 'safehold_operations_finished_total{operation="backup"} 1.0' in metrics
-        assert 'safehold_operations_finished_total{operation="restore"} 1.0' in metrics
-        assert (
-            'safehold_operations_failed_total{operation="restore",reason="NOT_A_BACKUP"} 1.0'
-            in metrics
+    server, url = metered
+    with Client(server.target, PASSWORD) as client:
+        backup = client.backup(tmp_path / "b.sqlite")
+    with server.channel() as channel:
+        call = pb_grpc.BackupServiceStub(channel).Restore(
+            iter(frames(backup.path.read_bytes())),
+            metadata=(*server.metadata(), ("x-request-id", "restore-from-test-42")),
         )
-        assert f'safehold_bytes_total{{operation="backup"}} {float(backup.size_bytes)}' in metrics
-    finally:
-        server.stop()
+        responses = list(call)
+        assert responses[-1].WhichOneof("frame") == "result"
+        assert ("x-request-id", "restore-from-test-42") in call.initial_metadata()
+    _, err = raw_restore(server, frames(b"not a backup"))
+    assert err is not None
+
+    lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    restore_lines = [e["message"] for e in lines if e["request_id"] == "restore-from-test-42"]
+    assert any("restore phase RESTORING" in m for m in restore_lines)
+    assert any("restore finished" in m for m in restore_lines)
+    backup_ids = {e["request_id"] for e in lines if "backup of" in e["message"]}
+    assert len(backup_ids) == 1 and "-" not in backup_ids
+    finished = next(e for e in lines if "backup of" in e["message"] and "finished" in e["message"])
+    assert (finished["bytes"], finished["sha256"]) == (backup.size_bytes, backup.sha256)
+
+    scrape = urllib.request.urlopen(url, timeout=10).read()
+    metrics = scrape.decode()
+    assert 'safehold_operations_finished_total{operation="backup"} 1.0' in metrics
+    assert 'safehold_operations_finished_total{operation="restore"} 1.0' in metrics
+    assert (
+        'safehold_operations_failed_total{operation="restore",reason="NOT_A_BACKUP"} 1.0' in metrics
+    )
+    assert f'safehold_bytes_total{{operation="backup"}} {float(backup.size_bytes)}' in metrics
 
 
 def test_text_logs_carry_the_request_id_and_metrics_are_off_by_default(

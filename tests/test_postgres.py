@@ -18,6 +18,7 @@ import pytest
 from conftest import PASSWORD, PgDatabase, new_pg_database
 from helpers import (
     Server,
+    children_named,
     error_reason,
     frames,
     raw_restore,
@@ -342,22 +343,6 @@ def test_backup_cancelled_half_way_leaves_no_pg_dump(pg_server: Server, pg_db: P
     while children_named(pg_server.process.pid, "pg_dump") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert children_named(pg_server.process.pid, "pg_dump") == []
-
-
-def children_named(parent: int, name: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == parent and any(Path(arg.decode()).name == name for arg in cmdline[:1]):
-            found.append(int(entry.name))
-    return found
 
 
 def test_backup_under_concurrent_writes_restores_consistently(

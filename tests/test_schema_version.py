@@ -19,6 +19,7 @@ from helpers import Server, run_cli, start_server
 
 from safehold.client import Client, SchemaNewer
 from safehold.contract import DatabaseState, Reason
+from safehold.repository import open_repository
 from safehold.server import config
 from safehold.server.schema_version import SchemaVersion, compare, from_rows, judge
 
@@ -123,6 +124,9 @@ def test_info_manifest_and_sidecar_carry_the_schema_version(
     with gamevault.client() as client:
         assert client.server_info().schema_version == "1700000000002"
         result = client.backup(tmp_path / "out" / "")
+        (tmp_path / "repository").mkdir()
+        stored = client.backup_to(open_repository(str(tmp_path / "repository")))
+    assert stored.schema_version == "1700000000002"
     assert result.schema_version == "1700000000002"
     sidecar = json.loads(result.path.with_name(result.path.name + ".manifest.json").read_text())
     assert sidecar["schema_version"] == "1700000000002"

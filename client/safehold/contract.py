@@ -45,6 +45,7 @@ class Reason(enum.StrEnum):
     UNAUTHENTICATED = "UNAUTHENTICATED"
     ENGINE_MISMATCH = "ENGINE_MISMATCH"
     VERSION_MISMATCH = "VERSION_MISMATCH"
+    INSUFFICIENT_PRIVILEGE = "INSUFFICIENT_PRIVILEGE"
     NOT_A_BACKUP = "NOT_A_BACKUP"
     TRUNCATED_UPLOAD = "TRUNCATED_UPLOAD"
     BAD_FRAME = "BAD_FRAME"
@@ -54,6 +55,8 @@ class Reason(enum.StrEnum):
     RESTORE_IN_PROGRESS = "RESTORE_IN_PROGRESS"
     UPLOAD_TOO_LARGE = "UPLOAD_TOO_LARGE"
     TOO_MANY_BACKUPS = "TOO_MANY_BACKUPS"
+    TOO_MANY_ATTEMPTS = "TOO_MANY_ATTEMPTS"
+    SERVER_BUSY = "SERVER_BUSY"
     SPOOL_FAILED = "SPOOL_FAILED"
     DATABASE_BUSY = "DATABASE_BUSY"
     DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
@@ -69,3 +72,7 @@ class Reason(enum.StrEnum):
     """The backup was made with a setting the live database cannot take in place
     (e.g. another SQLite text encoding); the message says which and what to do."""
     INTERNAL = "INTERNAL"
+    # Raised by the client itself, before anything is sent:
+    FILE_NOT_READABLE = "FILE_NOT_READABLE"
+    TLS_MISCONFIGURED = "TLS_MISCONFIGURED"
+    NO_PASSWORD = "NO_PASSWORD"  # noqa: S105 - a reason, not a secret

@@ -14,6 +14,7 @@ silently.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -21,28 +22,37 @@ import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 import grpc
 import tenacity
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from safehold.client.credentials import check_tls, no_password, password_from
+from safehold.client.diagnose import explain
 from safehold.client.errors import (
+    BadLocalFile,
     ConnectionFailed,
     EngineMismatch,
     IncompleteBackup,
+    InsufficientPrivilege,
     InvalidBackup,
     SafeholdError,
     from_rpc_error,
 )
-from safehold.client.output import Destination, Sink, open_sink, plan
-from safehold.contract import PASSWORD_METADATA_KEY, SERVICE_NAME, DatabaseState
-from safehold.formats import SNIFF_BYTES, engine_label, engine_of, file_suffix, sniff, sniff_file
+from safehold.client.output import Destination, Sink, open_sink, plan, safe_name
+from safehold.contract import PASSWORD_METADATA_KEY, DatabaseState, Reason
+from safehold.formats import SNIFF_BYTES, engine_label, engine_of, file_suffix, sniff
+from safehold.streams import ChunksReader, as_binary, read_head
 from safehold.v1 import backup_service_pb2 as pb
 from safehold.v1 import backup_service_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    # Only for types: the repository package imports this package's errors.
+    from safehold.repository import Manifest, Repository, crypto
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 UPLOAD_CHUNK_BYTES = 1024 * 1024
@@ -51,11 +61,14 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class TlsOptions:
-    """Trust `ca` for the server (system roots if None); present cert/key when set."""
+    """Trust `ca` for the server (system roots if None); present cert/key when set.
+    `server_name` is the name to expect in the server's certificate when the target
+    address is not one of its names (e.g. a health check on 127.0.0.1)."""
 
     ca: Path | None = None
     cert: Path | None = None
     key: Path | None = None
+    server_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +97,10 @@ class ServerInfo:
     newest_pre_restore_backup: str = ""
     schema_version: str = ""
     """The application's schema version of the database; empty when unknown."""
+    database_location: str = ""
+    """Exactly which database: `postgresql user@host:port/name` or `sqlite /path`."""
+    restore_blockers: list[str] = field(default_factory=list)
+    """What would stop a restore before it starts; empty when one can go ahead."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +130,8 @@ class RestoreResult:
 
 
 ProgressCallback = Callable[[Progress], None]
+Opener = Callable[[], contextlib.AbstractContextManager[BinaryIO]]
+"""Opens the bytes to restore, from the start, each time it is called."""
 NoticeCallback = Callable[[str, str], None]
 
 
@@ -129,12 +148,13 @@ class Client:
         attempts: int = 4,
     ) -> None:
         self.target = target or os.environ.get("SAFEHOLD_TARGET") or DEFAULT_TARGET
-        password = password if password is not None else os.environ.get("SAFEHOLD_PASSWORD")
+        password = password if password is not None else password_from(None)
         if not password:
-            raise ValueError("no password: pass password= or set SAFEHOLD_PASSWORD")
+            raise no_password(" (or pass password=)")
         self._metadata = ((PASSWORD_METADATA_KEY, password),)
         self._connect_timeout = connect_timeout
         self._attempts = attempts
+        self._tls = tls
         self._channel = open_channel(self.target, tls)
         self._stub = pb_grpc.BackupServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -175,6 +195,8 @@ class Client:
                 pre_restore_directory=reply.pre_restore_directory,
                 newest_pre_restore_backup=reply.newest_pre_restore_backup,
                 schema_version=reply.schema_version,
+                database_location=reply.database_location,
+                restore_blockers=list(reply.restore_blockers),
             )
 
         return self._retrying(call)
@@ -213,33 +235,151 @@ class Client:
         allow_schema_downgrade.
         """
         src = Path(src)
-        with open(src, "rb") as f:
-            engine = engine_of(sniff_file(f))
+        src = Path(src)
+        try:
+            size = src.stat().st_size
+        except OSError as exc:
+            raise BadLocalFile(f"cannot read {src}: {exc.strerror}; nothing was sent") from None
+        return self._restore_from(
+            str(src),
+            lambda: open(src, "rb"),
+            size,
+            allow_version_mismatch=allow_version_mismatch,
+            terminate_blocking_sessions=terminate_blocking_sessions,
+            allow_schema_downgrade=allow_schema_downgrade,
+            on_progress=on_progress,
+            on_notice=on_notice,
+        )
+
+    def restore_backup(
+        self,
+        repository: Repository,
+        manifest: Manifest,
+        *,
+        identities: Sequence[crypto.Identity] = (),
+        allow_version_mismatch: bool = False,
+        terminate_blocking_sessions: bool = False,
+        allow_schema_downgrade: bool = False,
+        on_progress: ProgressCallback | None = None,
+        on_notice: NoticeCallback | None = None,
+    ) -> RestoreResult:
+        """Replace the server's database with a backup from a repository.
+
+        It is decrypted with identities as it is sent and checked against the
+        manifest's size and SHA-256: a mismatch ends the upload before its trailer,
+        so the server never restores it. A wrong identity fails before any byte is sent.
+        """
+        return self._restore_from(
+            f"{repository.location}/{manifest.name}",
+            lambda: repository.open_plaintext(manifest, identities),
+            manifest.size_bytes,
+            allow_version_mismatch=allow_version_mismatch,
+            terminate_blocking_sessions=terminate_blocking_sessions,
+            allow_schema_downgrade=allow_schema_downgrade,
+            on_progress=on_progress,
+            on_notice=on_notice,
+        )
+
+    def _restore_from(
+        self,
+        label: str,
+        opener: Opener,
+        size: int,
+        *,
+        allow_version_mismatch: bool,
+        terminate_blocking_sessions: bool,
+        allow_schema_downgrade: bool,
+        on_progress: ProgressCallback | None,
+        on_notice: NoticeCallback | None,
+    ) -> RestoreResult:
+        """Check what is to be sent (see _check_backup), then send it."""
+        engine = self._check_backup(label, opener)
+        header = pb.RestoreHeader(
+            engine=engine,
+            expected_size_bytes=size,
+            allow_version_mismatch=allow_version_mismatch,
+            terminate_blocking_sessions=terminate_blocking_sessions,
+            allow_schema_downgrade=allow_schema_downgrade,
+        )
+        return self._retrying(lambda: self._restore_once(opener, header, on_progress, on_notice))
+
+    def check_backup_file(self, src: Path) -> pb.Engine.ValueType:
+        """Refuse, before a byte is sent, a file that is missing, is no backup, is for
+        another engine than the server's, or that the server could not restore (the
+        CLI asks this before its confirmation prompt)."""
+        return self._check_backup(str(src), lambda: open(src, "rb"))
+
+    def _check_backup(self, label: str, opener: Opener) -> pb.Engine.ValueType:
+        """The engine of what opener opens, refused before a byte is sent when it
+        cannot be read, is no backup, is for another engine than the server's, or
+        the server could not restore it."""
+        try:
+            with opener() as f:
+                engine = engine_of(sniff(read_head(f, SNIFF_BYTES)))
+        except OSError as exc:
+            raise BadLocalFile(f"cannot read {label}: {exc.strerror}; nothing was sent") from None
         if engine == pb.ENGINE_UNSPECIFIED:
             raise InvalidBackup(
-                f"{src} is not a backup (neither a SQLite file nor a pg_dump archive or script); "
+                f"{label} is not a backup (neither a SQLite file nor a pg_dump archive or script); "
                 "nothing was sent",
+                reason=Reason.NOT_A_BACKUP,
                 database_state=DatabaseState.UNCHANGED,
             )
         info = self.server_info()
         if info.engine != engine_label(engine):
             raise EngineMismatch(
-                f"{src} is a {engine_label(engine)} backup but the server's database is "
+                f"{label} is a {engine_label(engine)} backup but the server's database is "
                 f"{info.engine}; nothing was sent",
+                reason=Reason.ENGINE_MISMATCH,
                 database_state=DatabaseState.UNCHANGED,
             )
-        header = pb.RestoreHeader(
-            engine=engine,
-            expected_size_bytes=src.stat().st_size,
-            allow_version_mismatch=allow_version_mismatch,
-            terminate_blocking_sessions=terminate_blocking_sessions,
-            allow_schema_downgrade=allow_schema_downgrade,
-        )
-        return self._retrying(lambda: self._restore_once(src, header, on_progress, on_notice))
+        if info.restore_blockers:
+            raise InsufficientPrivilege(
+                "; ".join(info.restore_blockers) + "; nothing was sent",
+                reason=Reason.INSUFFICIENT_PRIVILEGE,
+                database_state=DatabaseState.UNCHANGED,
+            )
+        return engine
 
-    def _backup_once(
-        self, dest: Destination, request: pb.BackupRequest, on_progress: ProgressCallback | None
-    ) -> BackupResult:
+    def backup_to(
+        self,
+        repository: Repository,
+        *,
+        recipients: Sequence[crypto.Recipient] = (),
+        compression_level: int | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> Manifest:
+        """Stream a backup into a repository (directory or s3://), age-encrypted to
+        recipients if any, with no local temp file; it is listed only once complete."""
+        from safehold.repository import Artefact
+
+        request = pb.BackupRequest(compression_level=compression_level)
+
+        def once() -> Manifest:
+            with self._backup_call(request) as (manifest, responses):
+                _check_manifest(manifest)
+                artefact = Artefact(
+                    engine=engine_label(manifest.engine),
+                    engine_version=manifest.engine_version,
+                    dump_format=pb.DumpFormat.Name(manifest.dump_format),
+                    database_name=manifest.database_name,
+                    created_at=manifest.created_at.ToDatetime(tzinfo=UTC),
+                    safehold_version=manifest.safehold_version,
+                    suggested_name=safe_name(
+                        manifest.suggested_file_name, file_suffix(manifest.dump_format)
+                    ),
+                    schema_version=manifest.schema_version or None,
+                )
+                stream = _BackupStream(responses, on_progress)
+                return repository.write(artefact, as_binary(stream), recipients)
+
+        return self._retrying(once)
+
+    @contextlib.contextmanager
+    def _backup_call(
+        self, request: pb.BackupRequest
+    ) -> Iterator[tuple[pb.BackupManifest, Iterator[pb.BackupResponse]]]:
+        """A started backup call: the server's manifest, and the frames after it."""
         self._wait_until_connected()
         call = self._stub.Backup(request, metadata=self._metadata)
         responses = iter(call)
@@ -247,14 +387,25 @@ class Client:
             first = self._call(lambda: next(responses, None))
             if first is None or first.WhichOneof("frame") != "manifest":
                 raise IncompleteBackup("the server's backup stream did not start with a manifest")
-            manifest = first.manifest
+            yield first.manifest, responses
+        finally:
+            call.cancel()  # type: ignore[no-untyped-call]
+
+    def _backup_once(
+        self, dest: Destination, request: pb.BackupRequest, on_progress: ProgressCallback | None
+    ) -> BackupResult:
+        with self._backup_call(request) as (manifest, responses):
             _check_manifest(manifest)
             with open_sink(
                 dest, manifest.suggested_file_name, file_suffix(manifest.dump_format)
             ) as sink:
                 checked = _FormatCheck(sink, manifest.dump_format)
+                stream = _BackupStream(responses, on_progress)
                 try:
-                    size, digest = self._receive_backup(responses, checked, on_progress)
+                    # Unbuffered: each chunk goes on as it arrives (a stream's reader sees
+                    # it at once, and what it was given is known if the call breaks).
+                    while data := stream.read(UPLOAD_CHUNK_BYTES):
+                        checked.write(data)
                 except ConnectionFailed as err:
                     # A stream cannot take back what it was given: never send it twice.
                     err.retryable = err.retryable and not (dest.streams and checked.passed_on)
@@ -262,8 +413,8 @@ class Client:
                 checked.finish()
                 result = BackupResult(
                     path=dest.path,
-                    size_bytes=size,
-                    sha256=digest,
+                    size_bytes=stream.size,
+                    sha256=stream.sha256,
                     engine=engine_label(manifest.engine),
                     engine_version=manifest.engine_version,
                     database_name=manifest.database_name,
@@ -272,51 +423,15 @@ class Client:
                 )
                 path = sink.commit(_sidecar(result, manifest))
             return dataclasses.replace(result, path=path)
-        finally:
-            call.cancel()  # type: ignore[no-untyped-call]
-
-    def _receive_backup(
-        self,
-        responses: Iterator[pb.BackupResponse],
-        out: _FormatCheck,
-        on_progress: ProgressCallback | None,
-    ) -> tuple[int, str]:
-        """Write chunks to out until the trailer; raise unless it matches."""
-        digest = hashlib.sha256()
-        size = 0
-        for response in _iterate(responses):
-            kind = response.WhichOneof("frame")
-            if kind == "chunk":
-                out.write(response.chunk)
-                digest.update(response.chunk)
-                size += len(response.chunk)
-                if on_progress:
-                    on_progress(Progress("BACKUP", size, None))
-            elif kind == "trailer":
-                trailer = response.trailer
-                if trailer.size_bytes != size or not hmac.compare_digest(
-                    trailer.sha256, digest.digest()
-                ):
-                    raise IncompleteBackup(
-                        f"the backup's trailer does not match what arrived ({size} bytes); "
-                        "the partial file was deleted"
-                    )
-                return size, digest.hexdigest()
-            else:
-                raise IncompleteBackup(f"unexpected {kind} frame in the backup stream")
-        raise IncompleteBackup(
-            f"the backup stream ended after {size} bytes without a trailer; "
-            "the partial file was deleted"
-        )
 
     def _restore_once(
         self,
-        src: Path,
+        opener: Opener,
         header: pb.RestoreHeader,
         on_progress: ProgressCallback | None,
         on_notice: NoticeCallback | None,
     ) -> RestoreResult:
-        upload = _Upload(src, header)
+        upload = _Upload(opener, header)
         self._wait_until_connected()
         call = self._stub.Restore(iter(upload), metadata=self._metadata)
         responses = iter(call)
@@ -346,8 +461,11 @@ class Client:
                         duration=r.duration.ToTimedelta(),
                         notices=notices,
                     )
-        except ConnectionFailed as err:
-            err.retryable = not upload.sent_data
+        except SafeholdError as err:
+            if upload.error:  # the server only saw the upload end early: say why
+                raise upload.error from None
+            if isinstance(err, ConnectionFailed):
+                err.retryable = not upload.sent_data
             raise
         finally:
             call.cancel()  # type: ignore[no-untyped-call]
@@ -370,28 +488,39 @@ class Client:
 
     def _wait_until_connected(self) -> None:
         """Ask the health service, waiting up to connect_timeout for the server,
-        so that an unreachable server is an error, not a hang."""
+        so that an unreachable server is an error, not a hang. The server's own
+        status, not BackupService's: a database that is down is for the call to
+        report (DATABASE_UNAVAILABLE, with the server's reason), not a lost server."""
         try:
             reply = self._health.Check(
-                health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                health_pb2.HealthCheckRequest(),
                 timeout=self._connect_timeout,
                 wait_for_ready=True,
             )
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise from_rpc_error(err) from None
-            raise ConnectionFailed(
-                f"cannot reach the safehold server at {self.target} within "
-                f"{self._connect_timeout:g}s: check the address and that it is running",
-                reason="UNAVAILABLE",
-                code=grpc.StatusCode.UNAVAILABLE,
-            ) from None
+            raise self.unreachable() from None
         if reply.status != health_pb2.HealthCheckResponse.SERVING:
             raise ConnectionFailed(
                 f"the safehold server at {self.target} is not serving (shutting down?)",
                 reason="UNAVAILABLE",
                 code=grpc.StatusCode.UNAVAILABLE,
             )
+
+    def unreachable(self) -> ConnectionFailed:
+        """The error for a server not reached within connect_timeout, saying why when a
+        probe can tell (nothing listening, TLS on one side only, no client certificate).
+        Not retried: the time it names is the time it took."""
+        why = explain(self.target, self._tls)
+        error = ConnectionFailed(
+            f"cannot reach the safehold server at {self.target} within "
+            f"{self._connect_timeout:g}s: " + (why or "check the address and that it is running"),
+            reason="UNAVAILABLE",
+            code=grpc.StatusCode.UNAVAILABLE,
+        )
+        error.retryable = False
+        return error
 
     @staticmethod
     def _call(fn: Callable[[], T]) -> T:
@@ -402,24 +531,85 @@ class Client:
 
 
 class _Upload:
-    """The request frames of a restore, read from disk as they are sent."""
+    """The request frames of a restore, read from the source as they are sent.
 
-    def __init__(self, src: Path, header: pb.RestoreHeader) -> None:
-        self._src = src
+    If the source fails (damaged or undecryptable backup, broken read), the upload
+    ends without its trailer, so the server refuses it, and `error` says why.
+    """
+
+    def __init__(self, opener: Opener, header: pb.RestoreHeader) -> None:
+        self._open = opener
         self._header = header
         self.sent_data = False
+        self.error: SafeholdError | None = None
 
     def __iter__(self) -> Iterator[pb.RestoreRequest]:
         yield pb.RestoreRequest(header=self._header)
         digest = hashlib.sha256()
         size = 0
-        with open(self._src, "rb") as f:
-            while chunk := f.read(UPLOAD_CHUNK_BYTES):
-                digest.update(chunk)
-                size += len(chunk)
-                self.sent_data = True
-                yield pb.RestoreRequest(chunk=chunk)
+        try:
+            with self._open() as f:
+                while chunk := f.read(UPLOAD_CHUNK_BYTES):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    self.sent_data = True
+                    yield pb.RestoreRequest(chunk=chunk)
+        except SafeholdError as err:
+            self.error = err
+            return
+        except OSError as err:
+            self.error = SafeholdError(
+                f"reading the backup failed after {size} bytes: {err}; the upload was "
+                "ended before its trailer",
+                reason="SOURCE_FAILED",
+                database_state=DatabaseState.UNCHANGED,
+            )
+            return
         yield pb.RestoreRequest(trailer=pb.Digest(size_bytes=size, sha256=digest.digest()))
+
+
+class _BackupStream(ChunksReader):
+    """The chunks of a backup stream as a reader, whose end raises unless the
+    trailer matches what arrived: nothing downstream sees a clean end otherwise."""
+
+    def __init__(
+        self, responses: Iterator[pb.BackupResponse], on_progress: ProgressCallback | None
+    ) -> None:
+        super().__init__(self._receive(_iterate(responses), on_progress))
+        self._digest = hashlib.sha256()
+        self.size = 0
+
+    @property
+    def sha256(self) -> str:
+        return self._digest.hexdigest()
+
+    def _receive(
+        self, responses: Iterator[pb.BackupResponse], on_progress: ProgressCallback | None
+    ) -> Iterator[bytes]:
+        for response in responses:
+            kind = response.WhichOneof("frame")
+            if kind == "chunk":
+                self._digest.update(response.chunk)
+                self.size += len(response.chunk)
+                if on_progress:
+                    on_progress(Progress("BACKUP", self.size, None))
+                yield response.chunk
+            elif kind == "trailer":
+                trailer = response.trailer
+                if trailer.size_bytes != self.size or not hmac.compare_digest(
+                    trailer.sha256, self._digest.digest()
+                ):
+                    raise IncompleteBackup(
+                        f"the backup's trailer does not match what arrived ({self.size} bytes); "
+                        "the partial file was deleted"
+                    )
+                return
+            else:
+                raise IncompleteBackup(f"unexpected {kind} frame in the backup stream")
+        raise IncompleteBackup(
+            f"the backup stream ended after {self.size} bytes without a trailer; "
+            "the partial file was deleted"
+        )
 
 
 def _iterate(responses: Iterator[T]) -> Iterator[T]:
@@ -440,12 +630,15 @@ def _safe_to_retry(exc: BaseException) -> bool:
 
 def open_channel(target: str, tls: TlsOptions | None) -> grpc.Channel:
     """A channel to target: plaintext, or TLS (with a client certificate when given)."""
-    options: Sequence[tuple[str, int]] = [
+    options: list[tuple[str, int | str]] = [
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_permit_without_calls", 0),
     ]
     if tls is None:
         return grpc.insecure_channel(target, options=options)
+    check_tls(tls.ca, tls.cert, tls.key)
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
     credentials = grpc.ssl_channel_credentials(
         root_certificates=tls.ca.read_bytes() if tls.ca else None,
         private_key=tls.key.read_bytes() if tls.key else None,

@@ -88,6 +88,38 @@ class Busy(SafeholdError):
     """Another restore is running, or the database is locked: retry later."""
 
 
+class DatabaseUnavailable(SafeholdError):
+    """The server cannot connect to its database (down, or wrong password in its
+    configuration): retrying does not help until the operator fixes that."""
+
+
+class InsufficientPrivilege(SafeholdError):
+    """The server's database role lacks a right a restore needs; the message names it."""
+
+
+class BadLocalFile(SafeholdError):
+    """A file given to the client is missing or unreadable; nothing was sent."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(
+            message, reason=Reason.FILE_NOT_READABLE, database_state=DatabaseState.UNCHANGED
+        )
+
+
+class TlsConfigError(SafeholdError):
+    """The client's TLS files are incomplete, unreadable or do not fit together."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason=Reason.TLS_MISCONFIGURED)
+
+
+class NoPassword(SafeholdError):
+    """No password was given, and none was found where the client looks for one."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason=Reason.NO_PASSWORD)
+
+
 class LimitExceeded(SafeholdError):
     """The upload is over the server's limit, or the server ran out of space."""
 
@@ -118,9 +150,12 @@ _BY_REASON: dict[str, type[SafeholdError]] = {
     Reason.CHECKSUM_MISMATCH: IntegrityError,
     Reason.RESTORE_IN_PROGRESS: Busy,
     Reason.DATABASE_BUSY: Busy,
-    Reason.DATABASE_UNAVAILABLE: Busy,
+    Reason.DATABASE_UNAVAILABLE: DatabaseUnavailable,
+    Reason.INSUFFICIENT_PRIVILEGE: InsufficientPrivilege,
     Reason.UPLOAD_TOO_LARGE: LimitExceeded,
     Reason.TOO_MANY_BACKUPS: Busy,
+    Reason.TOO_MANY_ATTEMPTS: AuthenticationFailed,
+    Reason.SERVER_BUSY: Busy,
     Reason.SPOOL_FAILED: LimitExceeded,
     Reason.RESTORE_FAILED: RestoreFailed,
     Reason.ROLLBACK_FAILED: RestoreFailed,
@@ -172,3 +207,31 @@ def _request_id(error: grpc.RpcError) -> str | None:
         if key == REQUEST_ID_KEY:
             return str(value)
     return None
+
+
+class RepositoryError(SafeholdError):
+    """A repository (directory or s3://) could not be read or written as asked."""
+
+    def __init__(self, message: str, *, reason: str = "REPOSITORY_ERROR") -> None:
+        super().__init__(message, reason=reason, database_state=DatabaseState.UNCHANGED)
+
+
+class BackupNotFound(RepositoryError):
+    """No complete backup by that name (or none at all for --latest) in the repository."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="BACKUP_NOT_FOUND")
+
+
+class VerificationFailed(RepositoryError):
+    """A stored backup's size or SHA-256 differs from its manifest: it is damaged."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="VERIFICATION_FAILED")
+
+
+class EncryptionKeyError(RepositoryError):
+    """An age recipient or identity could not be read, or does not open this backup."""
+
+    def __init__(self, message: str, *, reason: str = "BAD_KEY") -> None:
+        super().__init__(message, reason=reason)

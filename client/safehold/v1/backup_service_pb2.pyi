@@ -544,6 +544,8 @@ class GetServerInfoResponse(_message.Message):
     PRE_RESTORE_DIRECTORY_FIELD_NUMBER: _builtins.int
     NEWEST_PRE_RESTORE_BACKUP_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
+    DATABASE_LOCATION_FIELD_NUMBER: _builtins.int
+    RESTORE_BLOCKERS_FIELD_NUMBER: _builtins.int
     SCHEMA_VERSION_FIELD_NUMBER: _builtins.int
     engine: Global___Engine.ValueType
     """Engine of the database."""
@@ -561,6 +563,10 @@ class GetServerInfoResponse(_message.Message):
     """Directory of the pre-restore backups, one file per restore, newest kept."""
     newest_pre_restore_backup: _builtins.str
     """Path of the most recent pre-restore backup; empty before the first restore."""
+    database_location: _builtins.str
+    """Where the database is, exactly: `postgresql user@host:port/name` or
+    `sqlite /path/to/file`, so an operator sees which database a backup is of.
+    """
     schema_version: _builtins.str
     """The application's schema version of the database (see
     BackupManifest.schema_version); empty when unknown.
@@ -573,6 +579,12 @@ class GetServerInfoResponse(_message.Message):
     def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """What an operator should fix, e.g. a PostgreSQL role with more rights than
         owning its database (a restored dump runs with them).
+        """
+
+    @_builtins.property
+    def restore_blockers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What stops a restore on this server before it starts, e.g. a PostgreSQL
+        schema the role does not own; empty when a restore can go ahead.
         """
 
     def __init__(
@@ -588,11 +600,13 @@ class GetServerInfoResponse(_message.Message):
         pre_restore_directory: _builtins.str = ...,
         newest_pre_restore_backup: _builtins.str = ...,
         warnings: _abc.Iterable[_builtins.str] | None = ...,
+        database_location: _builtins.str = ...,
+        restore_blockers: _abc.Iterable[_builtins.str] | None = ...,
         schema_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["database_name", b"database_name", "database_size_bytes", b"database_size_bytes", "engine", b"engine", "engine_version", b"engine_version", "max_upload_bytes", b"max_upload_bytes", "newest_pre_restore_backup", b"newest_pre_restore_backup", "pre_restore_directory", b"pre_restore_directory", "safehold_version", b"safehold_version", "schema_version", b"schema_version", "tool_versions", b"tool_versions", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database_location", b"database_location", "database_name", b"database_name", "database_size_bytes", b"database_size_bytes", "engine", b"engine", "engine_version", b"engine_version", "max_upload_bytes", b"max_upload_bytes", "newest_pre_restore_backup", b"newest_pre_restore_backup", "pre_restore_directory", b"pre_restore_directory", "restore_blockers", b"restore_blockers", "safehold_version", b"safehold_version", "schema_version", b"schema_version", "tool_versions", b"tool_versions", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

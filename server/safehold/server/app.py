@@ -13,6 +13,7 @@ import logging
 import signal
 import sqlite3
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 
@@ -20,13 +21,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from safehold import tlsfiles
 from safehold.contract import SERVICE_NAME
 from safehold.server import config as config_module
 from safehold.server import logs
 from safehold.server.auth import PasswordInterceptor
+from safehold.server.capacity import CapacityInterceptor, groups, workers
 from safehold.server.config import Config, SqliteTarget
 from safehold.server.engines import open_engine
 from safehold.server.errors import SafeholdError
+from safehold.server.health_watch import DatabaseHealth
 from safehold.server.metrics import Metrics
 from safehold.server.servicer import BackupServicer
 from safehold.server.spool import check_writable, remove_leftovers
@@ -35,14 +39,21 @@ from safehold.v1 import backup_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-MAX_WORKERS = 32
-KEEPALIVE_OPTIONS = [
+TRANSPORT_OPTIONS = [
     # Ping idle peers so that a vanished client's call is cancelled, and let
-    # clients ping us every 10s or more while a long restore sends no data.
+    # clients ping us every 10s or more while a long restore sends no data;
+    # a peer that pings faster is sent GOAWAY after two strikes.
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 2),
+    # One connection cannot open more streams than a client needs; a
+    # connection with no call for 5 minutes is closed; every connection is
+    # asked to reconnect after an hour (calls under way finish first).
+    ("grpc.max_concurrent_streams", 16),
+    ("grpc.max_connection_idle_ms", 300_000),
+    ("grpc.max_connection_age_ms", 3_600_000),
 ]
 
 
@@ -58,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         config = config_module.load(args)
         logs.configure(json_lines=config.log_json)
         _prepare(config)
-        server, servicer, health_servicer, port = build(config)
+        server, servicer, database_health, port = build(config)
         for path in servicer.pre_restore.remove_partials():
             log.info("removed a partial pre-restore backup from an earlier run: %s", path)
     except (config_module.ConfigError, OSError) as exc:
@@ -68,35 +79,51 @@ def run(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     server.start()
+    if config.tls is None and _all_interfaces(config.listen):
+        log.warning(
+            "listening on all interfaces without TLS: passwords and backups cross the "
+            "network in clear text; set --tls-cert and --tls-key"
+        )
+    database_health.start()
     log.info(
         "safehold listening on %s (port %d), database %s",
         config.listen,
         port,
-        _describe_target(config),
+        config.target.describe(),
     )
     stop.wait()
     grace = config.shutdown_grace_seconds
     log.info("stopping: refusing new calls, %gs grace for running ones", grace)
-    health_servicer.enter_graceful_shutdown()
+    # Health answers NOT_SERVING while running calls drain, rather than the
+    # connection being refused: a load balancer sees the server leaving.
+    database_health.enter_graceful_shutdown()
     servicer.begin_shutdown()
-    server.stop(grace).wait()
+    started = time.monotonic()
+    servicer.wait_idle(grace)
+    server.stop(max(0.0, grace - (time.monotonic() - started))).wait()
     log.info("stopped")
     return 0
 
 
-def build(config: Config) -> tuple[grpc.Server, BackupServicer, health.HealthServicer, int]:
-    """A bound, not yet started server with the service, health and reflection."""
+def build(config: Config) -> tuple[grpc.Server, BackupServicer, DatabaseHealth, int]:
+    """A bound, not yet started server with the service, health and reflection,
+    and the probe that keeps BackupService's health true to its database."""
     engine = open_engine(config)
     with contextlib.suppress(SafeholdError):  # a database not up yet is no reason to stop
         for warning in engine.info().warnings:
             log.warning("%s", warning)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="safehold"),
-        interceptors=[PasswordInterceptor(config.password)],
-        maximum_concurrent_rpcs=MAX_WORKERS,
-        options=KEEPALIVE_OPTIONS,
-    )
     metrics = Metrics()
+    call_groups = groups(SERVICE_NAME)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers(call_groups), thread_name_prefix="safehold"),
+        # The password is checked first, so refused calls never take a place.
+        interceptors=[
+            PasswordInterceptor(config.password, metrics, require_tls=config.tls is not None),
+            CapacityInterceptor(call_groups, config.stall_timeout_seconds),
+        ],
+        maximum_concurrent_rpcs=workers(call_groups),
+        options=TRANSPORT_OPTIONS,
+    )
     if config.metrics_listen:
         metrics_port = metrics.serve(config.metrics_listen)
         log.info("metrics on %s (port %d)", config.metrics_listen, metrics_port)
@@ -106,38 +133,59 @@ def build(config: Config) -> tuple[grpc.Server, BackupServicer, health.HealthSer
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (
-            pb.DESCRIPTOR.services_by_name["BackupService"].full_name,
-            health.SERVICE_NAME,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
+    if config.reflection:
+        reflection.enable_server_reflection(
+            (
+                pb.DESCRIPTOR.services_by_name["BackupService"].full_name,
+                health.SERVICE_NAME,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
     port = _bind(server, config)
-    return server, servicer, health_servicer, port
+    probe = DatabaseHealth(engine.check, health_servicer, config.health_interval_seconds)
+    return server, servicer, probe, port
 
 
 def _bind(server: grpc.Server, config: Config) -> int:
     credentials = None
     if config.tls:
+        try:
+            tlsfiles.check_pair(config.tls.cert, config.tls.key, "server")
+            tlsfiles.check_ca(config.tls.client_ca, "client CA")
+        except tlsfiles.TlsFileError as exc:
+            raise config_module.ConfigError(str(exc)) from None
         client_ca = config.tls.client_ca.read_bytes() if config.tls.client_ca else None
         credentials = grpc.ssl_server_credentials(
             [(config.tls.key.read_bytes(), config.tls.cert.read_bytes())],
             root_certificates=client_ca,
             require_client_auth=client_ca is not None,
         )
+    port = _add_port(server, config.listen, credentials)
+    if config.health_listen:
+        # Plaintext on loopback for a container's HEALTHCHECK; BackupService
+        # refuses calls that do not come over TLS when TLS is configured.
+        _add_port(server, config.health_listen, None)
+    return port
+
+
+def _add_port(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
     try:
         port = (
-            server.add_secure_port(config.listen, credentials)
+            server.add_secure_port(address, credentials)
             if credentials is not None
-            else server.add_insecure_port(config.listen)
+            else server.add_insecure_port(address)
         )
     except RuntimeError:
         port = 0
     if not port:
-        raise OSError(f"cannot listen on {config.listen}")
+        raise OSError(f"cannot listen on {address}")
     return port
+
+
+def _all_interfaces(listen: str) -> bool:
+    host = listen.rpartition(":")[0].strip("[]")
+    return host in ("", "0.0.0.0", "::", "*")  # noqa: S104 (recognised, not bound)
 
 
 def _prepare(config: Config) -> None:
@@ -158,10 +206,3 @@ def _ensure_sqlite_file(path: Path, data_dir: Path) -> None:
     log.info("creating the embedded SQLite database %s", path)
     sqlite3.connect(path).close()
     path.chmod(0o600)
-
-
-def _describe_target(config: Config) -> str:
-    target = config.target
-    if isinstance(target, SqliteTarget):
-        return f"sqlite {target.path}"
-    return f"postgresql {target.user}@{target.host}:{target.port}/{target.dbname}"

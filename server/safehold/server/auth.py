@@ -1,44 +1,48 @@
 """Checks the database password on every BackupService call.
 
-Health checking and reflection stay open so that load balancers and grpcurl
-work without a secret. The comparison is constant-time, nothing about the
-presented value is ever logged, and an address that keeps guessing is slowed.
+Health checking (and reflection, when it is turned on) stay open so that
+load balancers and grpcurl work without a secret. The comparison is
+constant-time, nothing about the presented value is ever logged, and each
+address may have only so many passwords checked per second (limiter.py):
+guessing is slow however many connections or threads a guesser uses.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-import threading
-import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
 from safehold.contract import PASSWORD_METADATA_KEY, SERVICE_NAME
-from safehold.server.errors import Unauthenticated
+from safehold.server.capacity import Behavior, Continuation, Handler, Interceptor, rewrap
+from safehold.server.errors import TooManyAttempts, Unauthenticated
+from safehold.server.limiter import GuessLimiter, RefusalLog, Verdict, address_key
+from safehold.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 _MAX_PASSWORD_BYTES = 4096
 """Longer metadata values are refused without comparing them."""
 
-if TYPE_CHECKING:  # grpc-stubs makes these generic; grpc itself does not
-    Handler = grpc.RpcMethodHandler[Any, Any]
-    Interceptor = grpc.ServerInterceptor[Any, Any]
-else:
-    Handler = grpc.RpcMethodHandler
-    Interceptor = grpc.ServerInterceptor
-Continuation = Callable[[grpc.HandlerCallDetails], "Handler | None"]
-
 
 class PasswordInterceptor(Interceptor):
     """Refuses BackupService calls whose x-database-password is missing or wrong."""
 
-    def __init__(self, password: str) -> None:
+    def __init__(
+        self,
+        password: str,
+        metrics: Metrics,
+        *,
+        require_tls: bool = False,
+        limiter: GuessLimiter | None = None,
+    ) -> None:
         self._expected = password.encode("utf-8")
-        self._throttle = FailureThrottle()
+        self._require_tls = require_tls
+        self._metrics = metrics
+        self._limiter = limiter or GuessLimiter()
+        self._refusals = RefusalLog("BackupService calls")
 
     def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -47,10 +51,58 @@ class PasswordInterceptor(Interceptor):
         method: str = handler_call_details.method
         if handler is None or not method.startswith(f"/{SERVICE_NAME}/"):
             return handler
-        if self._accepts(handler_call_details.invocation_metadata):
-            return handler
-        log.warning("refused %s: missing or wrong %s", method, PASSWORD_METADATA_KEY)
-        return _refusal(handler, self._throttle)
+        accepted = self._accepts(handler_call_details.invocation_metadata)
+
+        def guarded(behavior: Behavior) -> Behavior:
+            def run(request: Any, context: grpc.ServicerContext) -> Any:
+                self._check(accepted, context)
+                return behavior(request, context)
+
+            return run
+
+        return rewrap(handler, guarded)
+
+    def _check(self, accepted: bool, context: grpc.ServicerContext) -> None:
+        """Let the call go on, or end it; the limiter decides first, so an
+        address over its budget learns nothing about its password."""
+        key = address_key(context.peer())
+        if self._require_tls and _transport(context) != "ssl":
+            # A plaintext health port (--health-listen) never carries a password.
+            self._refuse(
+                key,
+                "plaintext",
+                context,
+                Unauthenticated("this port serves health checks only: call BackupService over TLS"),
+            )
+        if self._limiter.admit(key) is Verdict.REFUSE:
+            self._refuse(
+                key,
+                "throttled",
+                context,
+                TooManyAttempts("too many password attempts from this address; wait and retry"),
+            )
+        if accepted:
+            self._limiter.refund(key)
+            return
+        self._refuse(
+            key,
+            "wrong password",
+            context,
+            Unauthenticated(
+                f"missing or wrong password: send it in the {PASSWORD_METADATA_KEY} metadata"
+            ),
+        )
+
+    def _refuse(
+        self,
+        key: str,
+        why: str,
+        context: grpc.ServicerContext,
+        error: Unauthenticated | TooManyAttempts,
+    ) -> None:
+        self._metrics.refused(error.reason)
+        self._refusals.refused(key, why, error.reason.value)
+        context.abort_with_status(error.to_status())
 
     def _accepts(self, metadata: Any) -> bool:
         presented = b""
@@ -62,58 +114,6 @@ class PasswordInterceptor(Interceptor):
         return hmac.compare_digest(presented, self._expected)
 
 
-class FailureThrottle:
-    """Slows refusals to an address that keeps failing, holding up nobody else.
-
-    The delay runs in the refused call's own worker thread (never in gRPC's
-    polling thread), and only a few such threads may sleep at once, so a flood
-    of wrong passwords cannot starve callers who know the password.
-    """
-
-    FREE_FAILURES = 3
-    MAX_DELAY_SECONDS = 2.0
-    FORGET_AFTER_SECONDS = 300.0
-    MAX_SLEEPERS = 4
-    MAX_TRACKED = 10_000
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._failures: dict[str, tuple[int, float]] = {}
-        self._sleepers = threading.BoundedSemaphore(self.MAX_SLEEPERS)
-
-    def failed(self, peer: str) -> None:
-        """Count a failure from peer and sleep as long as its record says."""
-        address = peer.rsplit(":", 1)[0]  # ipv4:127.0.0.1:5555 -> ipv4:127.0.0.1
-        now = time.monotonic()
-        with self._lock:
-            count, last = self._failures.get(address, (0, now))
-            count = 1 if now - last > self.FORGET_AFTER_SECONDS else count + 1
-            if len(self._failures) >= self.MAX_TRACKED:
-                self._failures.clear()
-            self._failures[address] = (count, now)
-        excess = count - self.FREE_FAILURES
-        if excess <= 0 or not self._sleepers.acquire(blocking=False):
-            return
-        try:
-            time.sleep(min(self.MAX_DELAY_SECONDS, 0.1 * 2 ** (excess - 1)))
-        finally:
-            self._sleepers.release()
-
-
-def _refusal(handler: Handler, throttle: FailureThrottle) -> Handler:
-    """A handler of the same shape as `handler` that ends the call UNAUTHENTICATED."""
-    status = Unauthenticated(
-        f"missing or wrong password: send it in the {PASSWORD_METADATA_KEY} metadata"
-    ).to_status()
-
-    def refuse(_request: object, context: grpc.ServicerContext) -> None:
-        throttle.failed(context.peer())
-        context.abort_with_status(status)
-
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse)
-    return grpc.unary_unary_rpc_method_handler(refuse)
+def _transport(context: grpc.ServicerContext) -> str:
+    values = context.auth_context().get("transport_security_type") or [b""]
+    return bytes(values[0]).decode("ascii", "replace")

@@ -2,12 +2,15 @@
 
 A flag wins over its SAFEHOLD_* variable, which wins over GameVault's DB_*
 variables, which win over the embedded default (a SQLite file in the data
-dir). The password is never a flag: it would show in `ps`.
+dir). With a database URL given, no DB_* value is used at all; with any DB_*
+variable set, the embedded default never is. The password is never a flag:
+it would show in `ps`.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import secrets
@@ -41,12 +44,20 @@ class PostgresTarget:
     user: str
     dbname: str
 
+    def describe(self) -> str:
+        """Engine, role, host:port/name: exactly where the backups come from."""
+        return f"postgresql {self.user}@{self.host}:{self.port}/{self.dbname}"
+
 
 @dataclass(frozen=True)
 class SqliteTarget:
     """Path of the live SQLite database file."""
 
     path: Path
+
+    def describe(self) -> str:
+        """Engine and file: exactly where the backups come from."""
+        return f"sqlite {self.path}"
 
 
 @dataclass(frozen=True)
@@ -73,13 +84,18 @@ class Config:
     tls: TlsConfig | None
     lock_timeout_seconds: float
     shutdown_grace_seconds: float
-    upload_idle_timeout_seconds: float
+    stall_timeout_seconds: float
     inspect_timeout_seconds: float
+    restore_timeout_seconds: float
     max_concurrent_backups: int
     log_json: bool
     metrics_listen: str | None
     schema_version_query: str | None = None
     """The application's schema version; None detects common migration tables."""
+    reflection: bool = False
+    health_listen: str | None = None
+    health_interval_seconds: float = 10.0
+    """How often BackupService's health probes the database."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -151,10 +167,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "default 30 " + env % "SAFEHOLD_SHUTDOWN_GRACE",
     )
     parser.add_argument(
+        "--stall-timeout",
         "--upload-idle-timeout",
+        dest="stall_timeout",
         type=float,
-        help="end an upload that sends nothing for this many seconds, default 60; 0 never "
-        + env % "SAFEHOLD_UPLOAD_IDLE_TIMEOUT",
+        help="end a backup whose client receives nothing, or an upload that sends nothing, "
+        "for this many seconds, default 60; 0 never "
+        + env
+        % "SAFEHOLD_STALL_TIMEOUT, or SAFEHOLD_UPLOAD_IDLE_TIMEOUT",
+    )
+    parser.add_argument(
+        "--reflection",
+        action="store_true",
+        default=None,
+        help="serve gRPC server reflection (no password needed), off by default "
+        + env % "SAFEHOLD_REFLECTION",
+    )
+    parser.add_argument(
+        "--health-listen",
+        help="also serve health checks in plaintext on this loopback host:port, for a "
+        "container HEALTHCHECK when TLS is on " + env % "SAFEHOLD_HEALTH_LISTEN",
     )
     parser.add_argument(
         "--inspect-timeout",
@@ -169,9 +201,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "otherwise common migration tables are detected " + env % "SAFEHOLD_SCHEMA_VERSION_QUERY",
     )
     parser.add_argument(
+        "--restore-timeout",
+        type=float,
+        help="end a PostgreSQL replace that runs longer (rolled back), default 21600 (6 h); "
+        "0 never " + env % "SAFEHOLD_RESTORE_TIMEOUT",
+    )
+    parser.add_argument(
         "--metrics-listen",
         help="serve Prometheus metrics on host:port, e.g. 127.0.0.1:9464; off by default "
         + env % "SAFEHOLD_METRICS_LISTEN",
+    )
+    parser.add_argument(
+        "--health-interval",
+        type=float,
+        help="seconds between probes of the database for BackupService's health, "
+        "default 10 " + env % "SAFEHOLD_HEALTH_INTERVAL",
     )
     parser.add_argument(
         "--log-json",
@@ -190,17 +234,35 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         return environ.get(f"SAFEHOLD_{name}") or None
 
     data_dir = Path(pick(args.data_dir, "DATA_DIR") or _default_data_dir(environ))
-    url = pick(args.database_url, "DATABASE_URL") or _gamevault_url(environ)
+    if args.database_url and urlsplit(args.database_url).password is not None:
+        raise ConfigError(
+            "--database-url carries a password, which every user sees in `ps`: put the URL "
+            "in SAFEHOLD_DATABASE_URL, or the password in SAFEHOLD_PASSWORD or --password-file"
+        )
+    url = pick(args.database_url, "DATABASE_URL")
+    gamevault_url = None if url else _gamevault_url(environ)
+    url = url or gamevault_url
     target, url_password = (
         parse_database_url(url) if url else (SqliteTarget(data_dir / EMBEDDED_SQLITE_NAME), None)
     )
+    if gamevault_url and isinstance(target, PostgresTarget):
+        url_password = environ.get("DB_PASSWORD") or GAMEVAULT_DEFAULTS["DB_PASSWORD"]
     password = _password(args, environ, url_password, target, data_dir)
+    _check_metadata_safe(password)
     cert, key = pick(args.tls_cert, "TLS_CERT"), pick(args.tls_key, "TLS_KEY")
     client_ca = pick(args.tls_client_ca, "TLS_CLIENT_CA")
     if bool(cert) != bool(key):
         raise ConfigError("TLS needs both --tls-cert and --tls-key")
     if client_ca and not cert:
         raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+    if key:
+        _check_private(Path(key))
+    health_listen = pick(args.health_listen, "HEALTH_LISTEN")
+    if health_listen and not _loopback(health_listen):
+        raise ConfigError(
+            f"--health-listen {health_listen} must be a loopback address such as "
+            "127.0.0.1:50052: it is served without TLS"
+        )
     pre_restore = pick(args.pre_restore_path, "PRE_RESTORE_PATH")
     return Config(
         target=target,
@@ -232,18 +294,26 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         shutdown_grace_seconds=_non_negative(
             pick(args.shutdown_grace, "SHUTDOWN_GRACE") or "30", "shutdown grace", float
         ),
-        upload_idle_timeout_seconds=_non_negative(
-            pick(args.upload_idle_timeout, "UPLOAD_IDLE_TIMEOUT") or "60",
-            "upload idle timeout",
+        stall_timeout_seconds=_non_negative(
+            pick(args.stall_timeout, "STALL_TIMEOUT")
+            or environ.get("SAFEHOLD_UPLOAD_IDLE_TIMEOUT")
+            or "60",
+            "stall timeout",
             float,
         ),
         inspect_timeout_seconds=_non_negative(
             pick(args.inspect_timeout, "INSPECT_TIMEOUT") or "600", "inspect timeout", float
         ),
-        log_json=(pick(args.log_json, "LOG_JSON") or "").lower() in ("1", "true", "yes"),
+        restore_timeout_seconds=_non_negative(
+            pick(args.restore_timeout, "RESTORE_TIMEOUT") or "21600", "restore timeout", float
+        ),
+        log_json=_flag(pick(args.log_json, "LOG_JSON")),
         metrics_listen=pick(args.metrics_listen, "METRICS_LISTEN"),
+        reflection=_flag(pick(args.reflection, "REFLECTION")),
+        health_listen=health_listen,
+        health_interval_seconds=_health_interval(pick(args.health_interval, "HEALTH_INTERVAL")),
         schema_version_query=pick(args.schema_version_query, "SCHEMA_VERSION_QUERY")
-        or (TYPEORM_SCHEMA_QUERY if url and url == _gamevault_url(environ) else None),
+        or (TYPEORM_SCHEMA_QUERY if gamevault_url else None),
     )
 
 
@@ -274,19 +344,45 @@ def parse_database_url(url: str) -> tuple[PostgresTarget | SqliteTarget, str | N
     )
 
 
+GAMEVAULT_DEFAULTS = {
+    "DB_SYSTEM": "POSTGRESQL",
+    "DB_HOST": "localhost",
+    "DB_PORT": "5432",
+    "DB_USERNAME": "default",
+    "DB_PASSWORD": "default",
+    "DB_DATABASE": "gamevault",
+    "VOLUMES_SQLITEDB": "/db",
+}
+"""GameVault's own defaults for its database variables, as its configuration docs list them."""
+
+_GAMEVAULT_TRIGGERS = (
+    "DB_SYSTEM",
+    "DB_HOST",
+    "DB_PORT",
+    "DB_USERNAME",
+    "DB_PASSWORD",
+    "DB_DATABASE",
+)
+
+
 def _gamevault_url(environ: Mapping[str, str]) -> str | None:
-    """A database URL from GameVault's DB_* variables, so safehold can share its env."""
-    system = environ.get("DB_SYSTEM", "").upper()
+    """A database URL from GameVault's DB_* variables, read the way GameVault reads
+    them: any of them set means GameVault's configuration, and what is unset takes
+    GameVault's default (DB_SYSTEM unset is POSTGRESQL), never safehold's own file."""
+    if not any(name in environ for name in _GAMEVAULT_TRIGGERS):
+        return None
+
+    def value(name: str) -> str:
+        return environ.get(name) or GAMEVAULT_DEFAULTS[name]
+
+    system = value("DB_SYSTEM").upper()
     if system == "SQLITE":
-        volume = environ.get("VOLUMES_SQLITEDB", "/db")
-        return f"sqlite:///{Path(volume) / 'database.sqlite'}"
+        return f"sqlite:///{Path(value('VOLUMES_SQLITEDB')) / 'database.sqlite'}"
     if system in ("POSTGRESQL", "POSTGRES"):
-        user = quote(environ.get("DB_USERNAME", "default"), safe="")
-        host = environ.get("DB_HOST", "localhost")
-        port = environ.get("DB_PORT", "5432")
-        db = quote(environ.get("DB_DATABASE", "gamevault"), safe="")
-        return f"postgresql://{user}@{host}:{port}/{db}"
-    return None
+        user = quote(value("DB_USERNAME"), safe="")
+        db = quote(value("DB_DATABASE"), safe="")
+        return f"postgresql://{user}@{value('DB_HOST')}:{value('DB_PORT')}/{db}"
+    raise ConfigError(f"DB_SYSTEM must be POSTGRESQL or SQLITE, not {system!r}")
 
 
 def _password(
@@ -300,10 +396,15 @@ def _password(
     file = args.password_file or environ.get("SAFEHOLD_PASSWORD_FILE")
     if file:
         try:
-            return Path(file).read_text(encoding="utf-8").rstrip("\r\n")
+            password = Path(file).read_text(encoding="utf-8").rstrip("\r\n")
         except OSError as exc:
             raise ConfigError(f"cannot read password file {file}: {exc.strerror}") from None
-    for value in (environ.get("SAFEHOLD_PASSWORD"), url_password, environ.get("DB_PASSWORD")):
+        except UnicodeDecodeError:
+            raise ConfigError(f"password file {file} is not UTF-8 text") from None
+        if not password:
+            raise ConfigError(f"password file {file} is empty: callers could not authenticate")
+        return password
+    for value in (environ.get("SAFEHOLD_PASSWORD"), url_password):
         if value:
             return value
     if isinstance(target, PostgresTarget):
@@ -325,9 +426,53 @@ def _generated_password(data_dir: Path) -> str:
     return password
 
 
+def _check_metadata_safe(password: str) -> None:
+    """gRPC metadata values are printable ASCII: a password with anything else
+    could never be sent by a caller, so every call would be refused."""
+    if not all(" " <= c <= "~" for c in password):
+        raise ConfigError(
+            "the password has characters gRPC metadata cannot carry (only printable ASCII "
+            "can be sent in x-database-password): choose an ASCII password"
+        )
+
+
+def _check_private(key: Path) -> None:
+    """A TLS key that other users can read is no longer the server's secret."""
+    try:
+        mode = key.stat().st_mode
+    except OSError as exc:
+        raise ConfigError(f"cannot read TLS key {key}: {exc.strerror}") from None
+    if mode & 0o004:
+        raise ConfigError(
+            f"TLS key {key} is readable by every user (mode {mode & 0o777:o}): run chmod 600 {key}"
+        )
+
+
+def _loopback(listen: str) -> bool:
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _flag(text: str | None) -> bool:
+    return (text or "").lower() in ("1", "true", "yes")
+
+
 def _default_data_dir(environ: Mapping[str, str]) -> Path:
     base = environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "safehold"
+
+
+def _health_interval(text: str | None) -> float:
+    """At least a tenth of a second: a zero would probe the database in a busy loop."""
+    value = _non_negative(text or "10", "health interval", float)
+    if value < 0.1:
+        raise ConfigError("health interval must be at least 0.1 seconds")
+    return value
 
 
 def _non_negative(text: str, what: str, kind: Callable[[str], N]) -> N:

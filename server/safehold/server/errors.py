@@ -95,6 +95,13 @@ class SettingsMismatch(SafeholdError):
     reason = Reason.SETTINGS_MISMATCH
 
 
+class InsufficientPrivilege(SafeholdError):
+    """The database role lacks a right the restore needs; the message names it."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = Reason.INSUFFICIENT_PRIVILEGE
+
+
 class NotABackup(SafeholdError):
     code = grpc.StatusCode.INVALID_ARGUMENT
     reason = Reason.NOT_A_BACKUP
@@ -138,6 +145,20 @@ class UploadTooLarge(SafeholdError):
 class TooManyBackups(SafeholdError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = Reason.TOO_MANY_BACKUPS
+
+
+class TooManyAttempts(SafeholdError):
+    """An address over its budget of password checks; its password was not compared."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = Reason.TOO_MANY_ATTEMPTS
+
+
+class ResourceBusy(SafeholdError):
+    """Every place of a kind of call is taken (see capacity.py)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = Reason.SERVER_BUSY
 
 
 class SpoolFailed(SafeholdError):

@@ -7,6 +7,7 @@ an ErrorInfo; nothing else reaches the caller.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -14,7 +15,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from datetime import timedelta
 from importlib.metadata import version
 from pathlib import Path
@@ -46,7 +47,7 @@ from safehold.server.logs import request_id
 from safehold.server.metrics import Metrics
 from safehold.server.pre_restore import PreRestoreHistory
 from safehold.server.spool import Spool
-from safehold.server.watchdog import IdleWatchdog
+from safehold.server.watchdog import IdleWatchdog, StallWatchdog
 from safehold.v1 import backup_service_pb2 as pb
 from safehold.v1 import backup_service_pb2_grpc as pb_grpc
 
@@ -75,9 +76,17 @@ def _serves(operation: str | None) -> Callable[[Method], Method]:
                 context.send_initial_metadata(((REQUEST_ID_KEY, request_id.get()),))
                 if operation:
                     self._metrics.started(operation)
-                yield from method(self, request, context)
+                with self._calls.running(operation):
+                    yield from method(self, request, context)
             except SafeholdError as err:
-                log.warning("%s failed: %s [%s]", method.__name__, err.describe(), err.reason)
+                log.warning(
+                    "%s failed: %s [%s] (peer %s)",
+                    method.__name__,
+                    err.describe(),
+                    err.reason,
+                    context.peer(),
+                    extra={"reason": err.reason.value, "peer": context.peer()},
+                )
                 if operation:
                     self._metrics.failed(operation, err.reason)
                 context.abort_with_status(err.to_status())
@@ -122,10 +131,15 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
         self.pre_restore = PreRestoreHistory.from_setting(
             config.pre_restore_path, config.data_dir, engine.file_suffix, config.keep_pre_restore
         )
+        self._calls = _RunningCalls(metrics)
 
     def begin_shutdown(self) -> None:
         """Refuse new work; running calls finish within the server's grace period."""
         self._stopping.set()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no backup or restore runs, at most timeout; whether none does."""
+        return self._calls.wait_idle(timeout)
 
     def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
@@ -151,6 +165,8 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
             pre_restore_directory=str(self.pre_restore.directory),
             newest_pre_restore_backup=str(newest) if newest else "",
             schema_version=info.schema_version,
+            database_location=self._config.target.describe(),
+            restore_blockers=info.restore_blockers,
         )
 
     @_serves("backup")
@@ -167,17 +183,22 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
                 "(--max-concurrent-backups); retry when one has finished"
             )
         sent = [0]
+        stall = StallWatchdog(context, self._config.stall_timeout_seconds)
         try:
-            yield from self._stream_backup(level, sent)
+            yield from stall.watch(self._stream_backup(level, sent))
         except GeneratorExit:
             log.warning(
-                "backup abandoned by the client after %d bytes; its snapshot was ended", sent[0]
+                "backup %s after %d bytes; its snapshot was ended",
+                "stalled" if stall.fired else "abandoned by the client",
+                sent[0],
             )
             raise
         finally:
             self._backup_slots.release()
 
-    def _stream_backup(self, level: int | None, sent: list[int]) -> Iterator[pb.BackupResponse]:
+    def _stream_backup(
+        self, level: int | None, sent: list[int]
+    ) -> Generator[pb.BackupResponse, None, None]:
         """Manifest, chunks, trailer; sent[0] counts the chunk bytes handed to gRPC."""
         started = time.monotonic()
         with (
@@ -206,6 +227,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
                 self._refuse_when_stopping()
                 digest.update(chunk)
                 sent[0] += len(chunk)
+                self._metrics.moved("backup", len(chunk))
                 yield pb.BackupResponse(chunk=chunk)
         elapsed = time.monotonic() - started
         log.info(
@@ -214,8 +236,9 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
             sent[0],
             digest.hexdigest(),
             elapsed,
+            extra={"bytes": sent[0], "sha256": digest.hexdigest(), "seconds": round(elapsed, 3)},
         )
-        self._metrics.finished("backup", sent[0], elapsed)
+        self._metrics.finished("backup", elapsed)
         yield pb.BackupResponse(trailer=pb.Digest(size_bytes=sent[0], sha256=digest.digest()))
 
     @_serves("restore")
@@ -225,7 +248,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
         self._refuse_when_stopping()
         started = time.monotonic()
         with IdleWatchdog(
-            request_iterator, context, self._config.upload_idle_timeout_seconds
+            request_iterator, context, self._config.stall_timeout_seconds
         ) as requests:
             yield from self._restore(requests, context, started)
 
@@ -245,7 +268,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
             raise RestoreInProgress("another restore is running; try again when it has finished")
         replaced = False
         try:
-            log.info("restore started from %s", context.peer())
+            log.info("restore started from %s", context.peer(), extra={"peer": context.peer()})
             with Spool(self._config.spool_dir, self._config.max_upload_bytes) as spool:
                 yield from self._receive(requests, spool, header, context)
                 requests.stop()
@@ -282,8 +305,13 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
                 seconds = time.monotonic() - started
                 elapsed = duration_pb2.Duration()
                 elapsed.FromTimedelta(timedelta(seconds=seconds))
-                log.info("restore finished: %d bytes in %.1fs", spool.size, seconds)
-                self._metrics.finished("restore", spool.size, seconds)
+                log.info(
+                    "restore finished: %d bytes in %.1fs",
+                    spool.size,
+                    seconds,
+                    extra={"bytes": spool.size, "seconds": round(seconds, 3)},
+                )
+                self._metrics.finished("restore", seconds)
                 yield _phase(pb.RESTORE_PHASE_DONE, spool.size, spool.size)
                 yield pb.RestoreResponse(
                     result=pb.RestoreResult(
@@ -343,6 +371,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
             if kind == "chunk":
                 self._refuse_when_stopping()
                 spool.write(request.chunk)
+                self._metrics.moved("restore", len(request.chunk))
                 if spool.size - reported >= PROGRESS_EVERY_BYTES:
                     reported = spool.size
                     yield _progress(pb.RESTORE_PHASE_RECEIVING, spool.size, total)
@@ -391,6 +420,36 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
             ) from None
 
 
+class _RunningCalls:
+    """How many backups and restores run, so that a stopping server can wait for them."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._cond = threading.Condition()
+        self._count = 0
+
+    @contextlib.contextmanager
+    def running(self, operation: str | None) -> Iterator[None]:
+        if operation is None:
+            yield
+            return
+        with self._cond:
+            self._count += 1
+        try:
+            with self._metrics.running(operation):
+                yield
+        finally:
+            with self._cond:
+                self._count -= 1
+                self._cond.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._cond:
+            if self._count:
+                log.info("waiting up to %gs for %d running call(s)", timeout, self._count)
+            return self._cond.wait_for(lambda: self._count == 0, timeout)
+
+
 def _still_wanted(context: grpc.ServicerContext) -> None:
     """Touch nothing for a caller that has gone (cancelled, disconnected, out of time)."""
     if not context.is_active() or context.time_remaining() <= 0:
@@ -398,15 +457,21 @@ def _still_wanted(context: grpc.ServicerContext) -> None:
 
 
 def _next_frame(requests: IdleWatchdog[pb.RestoreRequest]) -> pb.RestoreRequest | None:
-    """The next frame, None at the end of the stream; a vanished client is Cancelled."""
+    """The next frame, None at the end of the stream; a vanished client is Cancelled.
+
+    When the idle watchdog has cancelled the call, gRPC may end the request
+    stream either way (an error, or a plain end): both are the abandoned upload."""
     try:
-        return next(requests, None)
+        frame = next(requests, None)
     except grpc.RpcError:
-        if requests.fired:
-            raise Cancelled(
-                f"the client sent nothing for {requests.timeout:g}s; the upload was abandoned"
-            ) from None
-        raise Cancelled("the client went away during the upload") from None
+        frame = None
+        if not requests.fired:
+            raise Cancelled("the client went away during the upload") from None
+    if requests.fired:
+        raise Cancelled(
+            f"the client sent nothing for {requests.timeout:g}s; the upload was abandoned"
+        )
+    return frame
 
 
 def _phase(

@@ -42,6 +42,8 @@ class EngineInfo:
     """What the operator should fix, such as a role with more rights than it needs."""
     schema_version: str = ""
     """The application's schema version (schema_version.py); empty when unknown."""
+    restore_blockers: list[str] = field(default_factory=list)
+    """What would stop a restore before it starts (e.g. a schema the role does not own)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,11 @@ class Engine(Protocol):
 
     def info(self) -> EngineInfo:
         """Describe the engine and the database."""
+        ...
+
+    def check(self) -> None:
+        """Reach the database cheaply, as the configured role; raise DatabaseUnavailable
+        when it cannot be reached or authenticated. Health probes call it."""
         ...
 
     def backup(self, compression_level: int | None) -> AbstractContextManager[Iterator[bytes]]:
@@ -110,6 +117,7 @@ def open_engine(config: Config) -> Engine:
             config.password,
             config.lock_timeout_seconds,
             schema_query=config.schema_version_query,
+            restore_timeout=config.restore_timeout_seconds,
         )
     from safehold.server.engines.sqlite import SqliteEngine
 

@@ -38,6 +38,7 @@ from safehold.server.engines import EngineInfo, Notice, Notify, RestoreOptions, 
 from safehold.server.errors import (
     BackupFailed,
     DatabaseBusy,
+    DatabaseUnavailable,
     EngineMismatch,
     NotABackup,
     RestoreFailed,
@@ -85,6 +86,16 @@ class SqliteEngine:
             tool_versions={"sqlite": sqlite3.sqlite_version},
             schema_version=self._live_schema_version().value or "",
         )
+
+    def check(self) -> None:
+        try:
+            with contextlib.closing(_connect_file(self._path, "ro")) as db:
+                db.execute("PRAGMA busy_timeout = 2000")
+                db.execute("SELECT count(*) FROM sqlite_schema").fetchone()
+        except sqlite3.Error as exc:
+            raise DatabaseUnavailable(
+                f"cannot read the SQLite database {self._path}: {exc}"
+            ) from None
 
     @contextlib.contextmanager
     def backup(self, compression_level: int | None) -> Iterator[Iterator[bytes]]:

@@ -9,16 +9,19 @@ lexer that lets no meta-command or transaction control through
 
 The package, by concern: tools.py (which tools, their versions, each child's
 environment), archive.py (what a dump says about itself), ownership.py (owners
-and grantees this server can take), script_guard.py and session.py (the
-replay and its transaction).
+and grantees this server can take), privileges.py (what the role needs for an
+owner-only restore), script_guard.py and session.py (the replay and its
+transaction).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import subprocess
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,7 @@ from safehold.server.engines import (
 )
 from safehold.server.engines.postgres.archive import DumpHeader, major_of, read_header
 from safehold.server.engines.postgres.ownership import ownership_flags
+from safehold.server.engines.postgres.privileges import restore_blockers
 from safehold.server.engines.postgres.schema_probe import SchemaProbe
 from safehold.server.engines.postgres.script_guard import ScriptGuard, UnsafeScript
 from safehold.server.engines.postgres.session import Replay, TransactionEscaped
@@ -53,6 +57,7 @@ from safehold.server.errors import (
     DatabaseBusy,
     DatabaseUnavailable,
     EngineMismatch,
+    InsufficientPrivilege,
     NotABackup,
     RestoreFailed,
     SchemaNewer,
@@ -63,6 +68,7 @@ from safehold.v1 import backup_service_pb2 as pb
 log = logging.getLogger(__name__)
 
 _HARMLESS_OUTPUT = ("there is already a transaction in progress",)
+_LOCK_TABLE = re.compile(r"Query was: LOCK TABLE (.+) IN ACCESS SHARE MODE")
 _DANGEROUS_ROLES = ("pg_execute_server_program", "pg_write_server_files", "pg_read_server_files")
 
 # Runs inside the restore's transaction, before the dump: everything the
@@ -104,10 +110,12 @@ class PostgresEngine:
         lock_timeout: float,
         *,
         schema_query: str | None = None,
+        restore_timeout: float = 0,
     ) -> None:
         self._target = target
         self._password = password
         self._lock_timeout = lock_timeout
+        self._restore_timeout = restore_timeout
         self._tools = Tools()
         self._schema_queries = schema_version.queries(schema_query)
 
@@ -116,6 +124,7 @@ class PostgresEngine:
             row = db.execute(
                 "SELECT current_setting('server_version'), pg_database_size(current_database())"
             ).fetchone()
+            blockers = restore_blockers(db)
         assert row is not None
         return EngineInfo(
             version=str(row[0]).split()[0],
@@ -124,7 +133,12 @@ class PostgresEngine:
             tool_versions={**self._tools.versions, "psql (minimum)": MINIMUM_PSQL},
             warnings=self.role_warnings(),
             schema_version=self.live_schema_version().value or "",
+            restore_blockers=blockers,
         )
+
+    def check(self) -> None:
+        with self._connect() as db:
+            db.execute("SELECT 1")
 
     def live_schema_version(self) -> schema_version.SchemaVersion:
         """The database's schema version, each query read-only in its own
@@ -163,7 +177,7 @@ class PostgresEngine:
     @contextlib.contextmanager
     def backup(self, compression_level: int | None) -> Iterator[Iterator[bytes]]:
         self._check_pg_dump()
-        argv = self._tools.argv("pg_dump", "--format=custom", "--no-password")
+        argv = self._tools.argv("pg_dump", "--format=custom", "--no-password", self._lock_wait())
         if compression_level is not None:
             argv.append(f"--compress={compression_level}")
         with child(argv, self._env(), stdout=subprocess.PIPE) as dump:
@@ -172,12 +186,18 @@ class PostgresEngine:
     def snapshot(self, dest: Path) -> None:
         self._check_pg_dump()
         with atomic_path(dest) as tmp:
-            argv = self._tools.argv("pg_dump", "--format=custom", "--no-password", f"--file={tmp}")
+            argv = self._tools.argv(
+                "pg_dump", "--format=custom", "--no-password", self._lock_wait(), f"--file={tmp}"
+            )
             with child(argv, self._env()) as dump:
-                _raise_unless_ok(dump, "pg_dump", BackupFailed)
+                self._raise_unless_dumped(dump)
 
     def inspect(self, path: Path, options: RestoreOptions) -> list[Notice]:
         header = self._read_header(path)
+        with self._connect() as db:
+            blockers = restore_blockers(db)
+        if blockers:
+            raise InsufficientPrivilege("; ".join(blockers))
         if header.dump_format == pb.DUMP_FORMAT_PG_PLAIN:
             with open(path, "rb") as script:
                 _check_script(read_chunks(script), archive=False)
@@ -196,39 +216,37 @@ class PostgresEngine:
         live = self.live_schema_version()
         probe = SchemaProbe(self._schema_queries)
         schema_notices: list[Notice] = []
+
+        def approve(printed: str) -> None:
+            """Decide before the COMMIT; SchemaNewer leaves it unwritten (rolled back)."""
+            upload = probe.read(printed)
+            schema_notices.extend(
+                schema_version.judge(upload, live, options.allow_schema_downgrade)
+            )
+
         with child(argv, self._env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE) as psql:
             session = Replay(psql)
-            committed = False
-            try:
-                session.open(preamble)
-                if archive:
-                    self._replay_archive(session, path, flags)
-                else:
-                    with open(path, "rb") as script:
-                        session.replay(read_chunks(script), archive=False)
-                printed = session.finish(probe.sql(), probe.value())
-                if printed is not None:
-                    # Raises SchemaNewer before the COMMIT: the transaction rolls back.
-                    schema_notices = schema_version.judge(
-                        probe.read(printed), live, options.allow_schema_downgrade
-                    )
-                    committed = session.commit()
-            except BrokenPipeError:
-                pass  # psql stopped at an error; its exit code and stderr say which
-            except (UnsafeScript, TransactionEscaped, RestoreFailed, SchemaNewer) as exc:
-                psql.process.kill()  # before its input closes: psql would run what it holds
-                psql.wait()
-                escaped = session.escaped()
-                if escaped or isinstance(exc, TransactionEscaped):
-                    raise TransactionEscaped(str(exc)) from None
-                if isinstance(exc, UnsafeScript):
-                    raise RestoreFailed(f"the dump was refused part-way: {exc}") from None
-                raise
-            code = psql.wait()
+            with _deadline(self._restore_timeout, lambda: self._end(psql, session)) as expired:
+                committed = self._replay(
+                    psql,
+                    session,
+                    path,
+                    preamble,
+                    flags,
+                    archive=archive,
+                    probe=probe,
+                    approve=approve,
+                )
+                code = psql.wait()
             escaped = session.escaped()
             if escaped:
                 raise TransactionEscaped(
                     f"the upload ended safehold's transaction ({escaped.decode()})"
+                )
+            if expired.is_set():
+                raise RestoreFailed(
+                    f"the replace ran longer than {self._restore_timeout:g}s (--restore-timeout) "
+                    "and was ended; everything was rolled back"
                 )
             if code != 0 or not committed:
                 raise _restore_error(psql.stderr_lines())
@@ -237,6 +255,59 @@ class PostgresEngine:
                     notify(Notice("ENGINE_OUTPUT", f"psql: {line}"))
             for notice in schema_notices:
                 notify(notice)
+
+    def _replay(
+        self,
+        psql: Child,
+        session: Replay,
+        path: Path,
+        preamble: str,
+        flags: list[str],
+        *,
+        archive: bool,
+        probe: SchemaProbe,
+        approve: Callable[[str], None],
+    ) -> bool:
+        """Run the whole replay; True when safehold wrote its COMMIT: after psql
+        reported the upload's schema version from inside the transaction, and
+        approve, given it, did not raise."""
+        try:
+            session.open(preamble)
+            if archive:
+                self._replay_archive(session, path, flags)
+            else:
+                with open(path, "rb") as script:
+                    session.replay(read_chunks(script), archive=False)
+            printed = session.finish(probe.sql(), probe.value())
+            if printed is None:
+                return False  # psql stopped at an error; its exit code and stderr say which
+            approve(printed)
+            return session.commit()
+        except BrokenPipeError:
+            return False  # psql stopped at an error; its exit code and stderr say which
+        except (UnsafeScript, TransactionEscaped, RestoreFailed, SchemaNewer) as exc:
+            self._end(psql, session)
+            psql.wait()
+            if session.escaped() or isinstance(exc, TransactionEscaped):
+                raise TransactionEscaped(str(exc)) from None
+            if isinstance(exc, UnsafeScript):
+                raise RestoreFailed(f"the dump was refused part-way: {exc}") from None
+            raise
+
+    def _end(self, psql: Child, session: Replay) -> None:
+        """Stop a replay before its end. psql is killed before its input closes (at the
+        end of its input psql runs what it holds), and its server process is ended
+        too: a statement still running there would otherwise go on, and hold its
+        locks, long after psql is gone. Nothing was committed, so all rolls back."""
+        psql.process.kill()
+        pid = session.backend_pid
+        if pid is None:
+            return
+        try:
+            with self._connect() as db:
+                db.execute("SELECT pg_catalog.pg_terminate_backend(%s)", (pid,))
+        except (psycopg.Error, DatabaseUnavailable):
+            log.warning("could not end the restore's server process %d; it ends on its own", pid)
 
     def _replay_archive(self, session: Replay, path: Path, flags: list[str]) -> None:
         """Feed pg_restore's script to psql through the guard; pg_restore must exit
@@ -248,7 +319,50 @@ class PostgresEngine:
 
     def _dump_chunks(self, dump: Child) -> Iterator[bytes]:
         yield from read_chunks(dump.stdout)
+        self._raise_unless_dumped(dump)
+
+    def _lock_wait(self) -> str:
+        """pg_dump's bound on waiting for each table's lock: without it, a
+        session holding ACCESS EXCLUSIVE would keep a backup (and the restore
+        whose pre-restore backup it is) waiting for ever."""
+        return f"--lock-wait-timeout={max(1, int(self._lock_timeout * 1000))}"
+
+    def _raise_unless_dumped(self, dump: Child) -> None:
+        """pg_dump's failure; a lock it could not get is DATABASE_BUSY, naming
+        the sessions that hold it when PostgreSQL shows them."""
+        failed = dump.wait() != 0
+        lines = dump.stderr_lines() if failed else []
+        lock = next((m for line in lines if (m := _LOCK_TABLE.search(line))), None)
+        if lock is not None:
+            raise DatabaseBusy(
+                f"pg_dump waited {self._lock_timeout:g}s (--lock-timeout) for a lock on "
+                f"{lock.group(1)}: {self._lock_holders(lock.group(1))}; retry when it is released"
+            )
         _raise_unless_ok(dump, "pg_dump", BackupFailed)
+
+    def _lock_holders(self, relation: str) -> str:
+        """Who holds ACCESS EXCLUSIVE on relation, asked on a connection of its own."""
+        try:
+            with self._connect() as db:
+                rows = db.execute(
+                    "SELECT a.pid, a.usename, a.application_name, a.state, a.xact_start "
+                    "FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a USING (pid) "
+                    "WHERE l.granted AND l.locktype = 'relation' "
+                    "AND l.mode = 'AccessExclusiveLock' "
+                    "AND l.relation = pg_catalog.to_regclass(%s)",
+                    (relation,),
+                ).fetchall()
+        except (psycopg.Error, DatabaseUnavailable):
+            rows = []
+        if not rows:
+            return "the session holding it is no longer visible"
+        return "held by " + ", ".join(
+            f"session {pid} (user {user or '?'}, application {app or '-'}, "
+            f"{state or 'state hidden'}"
+            + (f", transaction since {started:%H:%M:%S %Z}" if started else "")
+            + ")"
+            for pid, user, app, state, started in rows
+        )
 
     def _read_header(self, path: Path) -> DumpHeader:
         with open(path, "rb") as f:
@@ -363,6 +477,27 @@ class PostgresEngine:
 
     def _env(self) -> dict[str, str]:
         return connection_env(self._target, self._password)
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float, end: Callable[[], None]) -> Iterator[threading.Event]:
+    """Call end when the block runs past seconds (0: never); the event says whether
+    it did. The dump is the uploader's to write, and a dump that sleeps would
+    otherwise hold the database's locks for as long as it likes."""
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        end()
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    if seconds:
+        timer.start()
+    try:
+        yield expired
+    finally:
+        timer.cancel()
 
 
 def _pipe_chunks(process: Child) -> Iterator[bytes]:

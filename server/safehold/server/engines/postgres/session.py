@@ -56,6 +56,7 @@ class _Watcher(threading.Thread):
         self._start_token = start_token
         self._end_token = end_token
         self.start_xid: bytes | None = None
+        self.backend_pid: int | None = None
         self.end_xid: bytes | None = None
         self.end_value = b""
         self.escape: bytes | None = None
@@ -79,6 +80,8 @@ class _Watcher(threading.Thread):
         if self.start_xid is None:
             if text.startswith(self._start_token):
                 self.start_xid = _xid(text)
+                pid = text.rsplit(b":", 1)[-1]
+                self.backend_pid = int(pid) if pid.isdigit() else None
             return
         if text.startswith(self._end_token):
             found = _END.fullmatch(text[len(self._end_token) :])
@@ -90,7 +93,8 @@ class _Watcher(threading.Thread):
 
 
 def _xid(text: bytes) -> bytes:
-    found = _XID.search(text.split(b":", 1)[-1])
+    """The transaction id of a marker line `token:xid` or `token:xid:pid`."""
+    found = _XID.search(text.split(b":")[1] if text.count(b":") else b"")
     return found.group(1) if found else b"?"
 
 
@@ -110,7 +114,8 @@ class Replay:
         """Restrict psql, open the transaction and print its id."""
         self._write(
             f"\\restrict {self._key}\nBEGIN;\n"
-            f"SELECT '{self._start}:' || pg_catalog.txid_current();\n{preamble}\n"
+            f"SELECT '{self._start}:' || pg_catalog.txid_current() || ':' "
+            f"|| pg_catalog.pg_backend_pid();\n{preamble}\n"
         )
 
     def replay(self, pieces: Iterable[bytes], *, archive: bool) -> None:
@@ -158,6 +163,11 @@ class Replay:
         self._write("COMMIT;\n")
         self._psql.stdin.close()
         return True
+
+    @property
+    def backend_pid(self) -> int | None:
+        """The server process of psql's session, once the start marker has shown it."""
+        return self._watcher.backend_pid
 
     def escaped(self) -> bytes | None:
         """After psql has exited: a transaction end the upload caused, if any."""
