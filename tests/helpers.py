@@ -7,9 +7,12 @@ the password never reached it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -19,6 +22,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, quote_plus
 
 import grpc
 
@@ -57,7 +61,7 @@ class Server:
                 self.process.kill()
                 self.process.wait()
                 raise AssertionError("the server did not stop in time") from None
-        assert self.password not in self.log(), "the password reached the server log"
+        assert_secret_not_in(self.password, self.log())
         return self.process.returncode
 
     def channel(self) -> grpc.Channel:
@@ -72,6 +76,31 @@ class Server:
     def client_env(self) -> dict[str, str]:
         """Environment for the CLI as a user would set it."""
         return {**os.environ, "SAFEHOLD_TARGET": self.target, "SAFEHOLD_PASSWORD": self.password}
+
+
+def secret_forms(secret: str) -> set[str]:
+    """Every spelling of secret a log line can carry: as is, JSON-escaped (once,
+    or twice when a JSON line is logged inside another), Python's repr of the
+    str and of its bytes, and URL-encoded (as in a database URL or a query)."""
+    once = json.dumps(secret)[1:-1]
+    forms = {
+        secret,
+        once,
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+        json.dumps(once)[1:-1],
+        repr(secret)[1:-1],
+        repr(secret.encode())[2:-1],
+        quote(secret, safe=""),
+        quote(secret),
+        quote_plus(secret),
+    }
+    return {form for form in forms if form}
+
+
+def assert_secret_not_in(secret: str, text: str) -> None:
+    """Fail if any spelling of secret appears in text (a log, an error, a listing)."""
+    found = sorted(form for form in secret_forms(secret) if form in text)
+    assert not found, f"the password reached the log, spelled {len(found)} way(s)"
 
 
 def start_server(
@@ -115,6 +144,16 @@ def sqlite_content(path: Path) -> list[str]:
     """The whole logical content of a SQLite database, for exact comparison."""
     with sqlite3.connect(path) as db:
         return list(db.iterdump())
+
+
+def altered_copy(db: Path, dest: Path) -> bytes:
+    """A copy of db with every game renamed, as bytes to upload: applied, it
+    would change the database, so a test that asserts "unchanged" can fail."""
+    shutil.copyfile(db, dest)
+    with contextlib.closing(sqlite3.connect(dest)) as conn, conn:
+        conn.execute("UPDATE games SET title = title || ' (uploaded)'")
+    assert sqlite_content(dest) != sqlite_content(db)
+    return dest.read_bytes()
 
 
 def add_filler(db: Path, megabytes: int) -> None:
@@ -215,3 +254,23 @@ def children_named(parent: int, name: str) -> list[int]:
         if ppid == parent and any(Path(arg.decode()).name == name for arg in cmdline[:1]):
             found.append(int(entry.name))
     return found
+
+
+def holds_write_lock(db: Path, pid: int) -> bool:
+    """Whether process pid holds a write lock on db (SQLite's RESERVED or
+    PENDING lock, as /proc/locks shows it): a writer has begun on db."""
+    inode = db.stat().st_ino
+    return any(
+        fields[3] == "WRITE" and fields[4] == str(pid) and fields[5].endswith(f":{inode}")
+        for fields in (line.split() for line in Path("/proc/locks").read_text().splitlines())
+        if len(fields) > 5
+    )
+
+
+def wait_until_writing(db: Path, pid: int) -> None:
+    """Wait until process pid has begun to write db: a replace held by a
+    reader's transaction waits there holding its write lock."""
+    deadline = time.monotonic() + 20
+    while not holds_write_lock(db, pid):
+        assert time.monotonic() < deadline, "the replace never began"
+        time.sleep(0.02)

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from safehold.files import PartialFile, UnnamedFile, new_file, remove_stale_partials
+from safehold.files import (
+    PartialFile,
+    UnnamedFile,
+    atomic_path,
+    new_file,
+    private_temp_file,
+    remove_stale_partials,
+)
 
 KINDS = [UnnamedFile, PartialFile]
 
@@ -72,3 +79,25 @@ def test_new_file_is_unnamed_where_the_filesystem_can(tmp_path: Path) -> None:
     with new_file(tmp_path, "x") as new:
         assert type(new) is UnnamedFile
         assert list(tmp_path.iterdir()) == []
+
+
+def test_private_temp_file_makes_its_directories_private(tmp_path: Path) -> None:
+    directory = tmp_path / "a" / "b"
+    path = private_temp_file(directory, "x-")
+    assert path.parent == directory and path.name.startswith("x-")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+
+
+def test_atomic_path_leaves_nothing_when_the_writer_fails(tmp_path: Path) -> None:
+    dest = tmp_path / "backup.sqlite"
+    try:
+        with atomic_path(dest) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("the writer died")
+    except RuntimeError:
+        pass
+    assert list(tmp_path.iterdir()) == []
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(b"whole")
+    assert dest.read_bytes() == b"whole" and list(tmp_path.iterdir()) == [dest]

@@ -18,7 +18,7 @@ import pytest
 from conftest import PASSWORD
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from helpers import Server, sqlite_content, start_server
+from helpers import Server, error_reason, sqlite_content, start_server
 
 from safehold.client import Busy, Client
 from safehold.contract import PASSWORD_METADATA_KEY
@@ -141,6 +141,7 @@ def _guessing(open_server: Server, threads: int, timeout: float | None) -> None:
     """Guess from 127.0.0.1 past 2,000 refusals while the right password is used
     from ::1; check the limiter's promise and the honest caller's speed."""
     outcomes: collections.Counter[str] = collections.Counter()
+    reasons: collections.Counter[str] = collections.Counter()
     lock = threading.Lock()
     stop = threading.Event()
     deadline = time.monotonic() + 120
@@ -158,6 +159,9 @@ def _guessing(open_server: Server, threads: int, timeout: float | None) -> None:
                     code = "OK"
                 except grpc.RpcError as err:
                     code = err.code().name
+                    if code == "RESOURCE_EXHAUSTED":
+                        with lock:
+                            reasons[error_reason(err)[1]] += 1
                 with lock:
                     outcomes[code] += 1
                     if sum(outcomes.values()) >= 2000:
@@ -180,6 +184,9 @@ def _guessing(open_server: Server, threads: int, timeout: float | None) -> None:
             attacker.join(30)
     assert sum(outcomes.values()) >= 2000, outcomes  # not cut short by the 120 s bound
     assert set(outcomes) <= {"UNAUTHENTICATED", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
+    # Refused at once, without a comparison, as too many attempts (never a free guess).
+    assert set(reasons) <= {"TOO_MANY_ATTEMPTS"}, reasons
+    assert threads == 1 or reasons["TOO_MANY_ATTEMPTS"] > 0, outcomes
     # Up to now the server compared no more passwords than the limiter's budget
     # for the time taken: the burst and one per interval (calls that timed out
     # on the client side may have been compared too, and are counted).

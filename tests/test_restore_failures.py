@@ -16,6 +16,7 @@ import pytest
 from conftest import PASSWORD
 from helpers import (
     Server,
+    altered_copy,
     error_reason,
     frames,
     held_before_trailer,
@@ -133,7 +134,9 @@ def test_bad_upload_leaves_database_untouched(
 
 
 @pytest.mark.parametrize(
-    "password", [None, "", "wrong", "x" * 5000], ids=["missing", "empty", "wrong", "oversized"]
+    "password",
+    [None, "", "wrong", "x" * 5000, PASSWORD[:1], PASSWORD[:-1], PASSWORD + "x", PASSWORD.upper()],
+    ids=["missing", "empty", "wrong", "oversized", "first-char", "prefix", "extended", "upper"],
 )
 def test_bad_password_is_refused_for_every_call(
     password: str | None, sqlite_server: Server, sqlite_db: Path, valid_backup: bytes
@@ -177,9 +180,13 @@ def test_client_refuses_other_engine_before_uploading(
     assert info.value.database_state == "UNCHANGED"
     noise = tmp_path / "noise.bin"
     noise.write_bytes(os.urandom(5000))
-    with pytest.raises(InvalidBackup):
+    with pytest.raises(InvalidBackup) as refused:
         client.restore(noise)
-    assert "restore started" not in sqlite_server.log()
+    assert "nothing was sent" in str(info.value) and "nothing was sent" in str(refused.value)
+    # The server's own header and format checks would refuse these too, but
+    # they log it: an empty log shows the client refused before calling Restore.
+    log = sqlite_server.log()
+    assert "Restore failed" not in log and "restore started" not in log
 
 
 def test_second_restore_while_one_runs_is_aborted(
@@ -216,7 +223,7 @@ def test_upload_over_limit_is_refused(tmp_path: Path, sqlite_db: Path) -> None:
     )
     try:
         before = sqlite_content(sqlite_db)
-        data = sqlite_db.read_bytes()
+        data = altered_copy(sqlite_db, tmp_path / "upload.sqlite")
         assert len(data) > 10000
         # Without a declared size: refused as the upload crosses the limit.
         _, err = raw_restore(server, frames(data))
@@ -238,6 +245,45 @@ def test_upload_over_limit_is_refused(tmp_path: Path, sqlite_db: Path) -> None:
         server.stop()
 
 
+def test_upload_limit_is_exact(tmp_path: Path, sqlite_db: Path) -> None:
+    """An upload of exactly --max-upload-bytes is restored; one byte more is
+    refused on the chunk that crosses the limit, before it is spooled."""
+    data = altered_copy(sqlite_db, tmp_path / "upload.sqlite")
+    server = start_server(
+        tmp_path, f"sqlite:///{sqlite_db}", PASSWORD, "--max-upload-bytes", str(len(data))
+    )
+    try:
+        before = sqlite_content(sqlite_db)
+        over = data + b"\0"
+        crossing = frames(over, chunk=len(over) - 2)  # the second chunk crosses, by 1 byte
+        _, err = raw_restore(server, crossing)
+        assert err is not None
+        assert error_reason(err) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "UPLOAD_TOO_LARGE",
+            "UNCHANGED",
+        )
+        assert sqlite_content(sqlite_db) == before
+        _, err = raw_restore(server, frames(data))
+        assert err is None
+        assert sqlite_content(sqlite_db) == sqlite_content(tmp_path / "upload.sqlite")
+    finally:
+        server.stop()
+
+
+def test_password_of_the_longest_length_is_accepted(tmp_path: Path, sqlite_db: Path) -> None:
+    """4096 bytes is the longest password compared; longer ones are refused unread."""
+    longest = "p" * 4096
+    server = start_server(tmp_path, f"sqlite:///{sqlite_db}", longest)
+    try:
+        with Client(server.target, longest) as client:
+            assert client.server_info().engine == "SQLite"
+        with Client(server.target, longest + "p") as client, pytest.raises(AuthenticationFailed):
+            client.server_info()
+    finally:
+        server.stop()
+
+
 def _wait_for(condition: Callable[[], bool], timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -248,7 +294,7 @@ def _wait_for(condition: Callable[[], bool], timeout: float = 10) -> None:
 def test_sigterm_during_upload_ends_it_clearly(tmp_path: Path, sqlite_db: Path) -> None:
     server = start_server(tmp_path, f"sqlite:///{sqlite_db}", PASSWORD, "--shutdown-grace", "20")
     before = sqlite_content(sqlite_db)
-    data = sqlite_db.read_bytes()
+    data = altered_copy(sqlite_db, tmp_path / "upload.sqlite")
 
     def slow_upload() -> Iterator[pb.RestoreRequest]:
         for i, frame in enumerate(frames(data, chunk=1024)):
@@ -279,7 +325,7 @@ def test_stalled_upload_is_ended_and_frees_the_server(tmp_path: Path, sqlite_db:
         with sqlite3.connect(sqlite_db) as db:
             db.execute("CREATE TABLE marker (x)")
         before = sqlite_content(sqlite_db)
-        data = sqlite_db.read_bytes()
+        data = altered_copy(sqlite_db, tmp_path / "upload.sqlite")
         never = threading.Event()
         started = time.monotonic()
         _, err = raw_restore(server, held_before_trailer(frames(data), never))
