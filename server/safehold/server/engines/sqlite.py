@@ -131,7 +131,6 @@ class SqliteEngine:
         try:
             with contextlib.closing(_connect_untrusted(path, deadline)) as db:
                 problems = [row[0] for row in db.execute("PRAGMA integrity_check(10)")]
-                upload_version = self._schema_version(db)
         except sqlite3.DatabaseError as exc:
             if time.monotonic() > deadline:
                 raise NotABackup(
@@ -141,11 +140,10 @@ class SqliteEngine:
             raise NotABackup(f"the upload is not a usable SQLite database: {exc}") from None
         if problems != ["ok"]:
             raise NotABackup("the upload fails SQLite's integrity check: " + "; ".join(problems))
-        return schema_version.judge(
-            upload_version, self._live_schema_version(), options.allow_schema_downgrade
-        )
+        return []
 
     def restore(self, path: Path, options: RestoreOptions, notify: Notify) -> None:
+        self._check_schema_version(path, options, notify)
         _keep_journal_mode(path, self._path)
         self._fit_page_size(path, notify)
         with contextlib.closing(_connect_file(path, "ro", immutable=True)) as source:
@@ -189,6 +187,20 @@ class SqliteEngine:
                 f"database's ({_page_size(live)} bytes), which a WAL database keeps",
             )
         )
+
+    def _check_schema_version(self, path: Path, options: RestoreOptions, notify: Notify) -> None:
+        """Compare the upload's schema version with the live database's. Here, not in
+        inspect(): the live database is read only once the restore may wait for it
+        (its locks are the application's), and before anything is written."""
+        deadline = time.monotonic() + self._inspect_timeout
+        try:
+            with contextlib.closing(_connect_untrusted(path, deadline)) as db:
+                upload = self._schema_version(db)
+        except sqlite3.Error as exc:
+            upload = schema_version.SchemaVersion(None, f"the upload cannot be read: {exc}")
+        live = self._live_schema_version()
+        for notice in schema_version.judge(upload, live, options.allow_schema_downgrade):
+            notify(notice)
 
     def _live_schema_version(self) -> schema_version.SchemaVersion:
         try:
