@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n safehold/v1/backup_service.proto\x12\x0bsafehold.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\",\n\x06\x44igest\x12\x12\n\nsize_bytes\x18\x01 \x01(\x04\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\"E\n\rBackupRequest\x12\x1e\n\x11\x63ompression_level\x18\x01 \x01(\x05H\x00\x88\x01\x01\x42\x14\n\x12_compression_level\"\xf9\x01\n\x0e\x42\x61\x63kupManifest\x12#\n\x06\x65ngine\x18\x01 \x01(\x0e\x32\x13.safehold.v1.Engine\x12\x16\n\x0e\x65ngine_version\x18\x02 \x01(\t\x12,\n\x0b\x64ump_format\x18\x03 \x01(\x0e\x32\x17.safehold.v1.DumpFormat\x12\x18\n\x10safehold_version\x18\x04 \x01(\t\x12\x15\n\rdatabase_name\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13suggested_file_name\x18\x07 \x01(\t\"\x83\x01\n\x0e\x42\x61\x63kupResponse\x12/\n\x08manifest\x18\x01 \x01(\x0b\x32\x1b.safehold.v1.BackupManifestH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12&\n\x07trailer\x18\x03 \x01(\x0b\x32\x13.safehold.v1.DigestH\x00\x42\x07\n\x05\x66rame\"\xb3\x01\n\rRestoreHeader\x12#\n\x06\x65ngine\x18\x01 \x01(\x0e\x32\x13.safehold.v1.Engine\x12 \n\x13\x65xpected_size_bytes\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x1e\n\x16\x61llow_version_mismatch\x18\x03 \x01(\x08\x12#\n\x1bterminate_blocking_sessions\x18\x04 \x01(\x08\x42\x16\n\x14_expected_size_bytes\"\x80\x01\n\x0eRestoreRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.safehold.v1.RestoreHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12&\n\x07trailer\x18\x03 \x01(\x0b\x32\x13.safehold.v1.DigestH\x00\x42\x07\n\x05\x66rame\"y\n\x0fRestoreProgress\x12(\n\x05phase\x18\x01 \x01(\x0e\x32\x19.safehold.v1.RestorePhase\x12\x12\n\nbytes_done\x18\x02 \x01(\x04\x12\x18\n\x0b\x62ytes_total\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x0e\n\x0c_bytes_total\"0\n\rRestoreNotice\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x9a\x01\n\rRestoreResult\x12#\n\x06\x65ngine\x18\x01 \x01(\x0e\x32\x13.safehold.v1.Engine\x12\x16\n\x0e\x62ytes_restored\x18\x02 \x01(\x04\x12\x1f\n\x17pre_restore_backup_path\x18\x03 \x01(\t\x12+\n\x08\x64uration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xa8\x01\n\x0fRestoreResponse\x12\x30\n\x08progress\x18\x01 \x01(\x0b\x32\x1c.safehold.v1.RestoreProgressH\x00\x12,\n\x06notice\x18\x02 \x01(\x0b\x32\x1a.safehold.v1.RestoreNoticeH\x00\x12,\n\x06result\x18\x03 \x01(\x0b\x32\x1a.safehold.v1.RestoreResultH\x00\x42\x07\n\x05\x66rame\"\x16\n\x14GetServerInfoRequest\"\xc7\x03\n\x15GetServerInfoResponse\x12#\n\x06\x65ngine\x18\x01 \x01(\x0e\x32\x13.safehold.v1.Engine\x12\x16\n\x0e\x65ngine_version\x18\x02 \x01(\t\x12\x15\n\rdatabase_name\x18\x03 \x01(\t\x12\x1b\n\x13\x64\x61tabase_size_bytes\x18\x04 \x01(\x04\x12\x18\n\x10safehold_version\x18\x05 \x01(\t\x12K\n\rtool_versions\x18\x06 \x03(\x0b\x32\x34.safehold.v1.GetServerInfoResponse.ToolVersionsEntry\x12\x18\n\x10max_upload_bytes\x18\x07 \x01(\x04\x12\x1d\n\x15pre_restore_directory\x18\x08 \x01(\t\x12!\n\x19newest_pre_restore_backup\x18\t \x01(\t\x12\x10\n\x08warnings\x18\n \x03(\t\x12\x19\n\x11\x64\x61tabase_location\x18\x0b \x01(\t\x12\x18\n\x10restore_blockers\x18\x0c \x03(\t\x1a\x33\n\x11ToolVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*J\n\x06\x45ngine\x12\x16\n\x12\x45NGINE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45NGINE_POSTGRESQL\x10\x01\x12\x11\n\rENGINE_SQLITE\x10\x02*\x93\x01\n\nDumpFormat\x12\x1b\n\x17\x44UMP_FORMAT_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44UMP_FORMAT_PG_CUSTOM\x10\x01\x12\x16\n\x12\x44UMP_FORMAT_PG_TAR\x10\x02\x12\x18\n\x14\x44UMP_FORMAT_PG_PLAIN\x10\x03\x12\x1b\n\x17\x44UMP_FORMAT_SQLITE_FILE\x10\x04*\xc2\x01\n\x0cRestorePhase\x12\x1d\n\x19RESTORE_PHASE_UNSPECIFIED\x10\x00\x12\x1b\n\x17RESTORE_PHASE_RECEIVING\x10\x01\x12\x1b\n\x17RESTORE_PHASE_VERIFYING\x10\x02\x12$\n RESTORE_PHASE_PRE_RESTORE_BACKUP\x10\x03\x12\x1b\n\x17RESTORE_PHASE_RESTORING\x10\x04\x12\x16\n\x12RESTORE_PHASE_DONE\x10\x05\x32\xf6\x01\n\rBackupService\x12\x43\n\x06\x42\x61\x63kup\x12\x1a.safehold.v1.BackupRequest\x1a\x1b.safehold.v1.BackupResponse0\x01\x12H\n\x07Restore\x12\x1b.safehold.v1.RestoreRequest\x1a\x1c.safehold.v1.RestoreResponse(\x01\x30\x01\x12V\n\rGetServerInfo\x12!.safehold.v1.GetServerInfoRequest\x1a\".safehold.v1.GetServerInfoResponseBq\n\x0f\x64\x65v.safehold.v1B\x12\x42\x61\x63kupServiceProtoP\x01Z:github.com/safehold/safehold/gen/go/safehold/v1;safeholdv1\xaa\x02\x0bSafehold.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n safehold/v1/backup_service.proto\x12\x0bsafehold.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\",\n\x06\x44igest\x12\x12\n\nsize_bytes\x18\x01 \x01(\x04\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\"E\n\rBackupRequest\x12\x1e\n\x11\x63ompression_level\x18\x01 \x01(\x05H\x00\x88\x01\x01\x42\x14\n\x12_compression_level\"\x91\x02\n\x0e\x42\x61\x63kupManifest\x12#\n\x06\x65ngine\x18\x01 \x01(\x0e\x32\x13.safehold.v1.Engine\x12\x16\n\x0e\x65ngine_version\x18\x02 \x01(\t\x12,\n\x0b\x64ump_format\x18\x03 \x01(\x0e\x32\x17.safehold.v1.DumpFormat\x12\x18\n\x10safehold_version\x18\x04 \x01(\t\x12\x15\n\rdatabase_name\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13suggested_file_name\x18\x07 \x01(\t\x12\x16\n\x0eschema_version\x18\x08 \x01(\t\"\x83\x01\n\x0e\x42\x61\x63kupResponse\x12/\n\x08manifest\x18\x01 \x01(\x0b\x32\x1b.safehold.v1.BackupManifestH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12&\n\x07trailer\x18\x03 \x01(\x0b\x32\x13.safehold.v1.DigestH\x00\x42\x07\n\x05\x66rame\"\xd3\x01\n\rRestoreHeader\x12#\n\x06\x65ngine\x18\x01 \x01(\x0e\x32\x13.safehold.v1.Engine\x12 \n\x13\x65xpected_size_bytes\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x1e\n\x16\x61llow_version_mismatch\x18\x03 \x01(\x08\x12#\n\x1bterminate_blocking_sessions\x18\x04 \x01(\x08\x12\x1e\n\x16\x61llow_schema_downgrade\x18\x05 \x01(\x08\x42\x16\n\x14_expected_size_bytes\"\x80\x01\n\x0eRestoreRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.safehold.v1.RestoreHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12&\n\x07trailer\x18\x03 \x01(\x0b\x32\x13.safehold.v1.DigestH\x00\x42\x07\n\x05\x66rame\"y\n\x0fRestoreProgress\x12(\n\x05phase\x18\x01 \x01(\x0e\x32\x19.safehold.v1.RestorePhase\x12\x12\n\nbytes_done\x18\x02 \x01(\x04\x12\x18\n\x0b\x62ytes_total\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x0e\n\x0c_bytes_total\"0\n\rRestoreNotice\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x9a\x01\n\rRestoreResult\x12#\n\x06\x65ngine\x18\x01 \x01(\x0e\x32\x13.safehold.v1.Engine\x12\x16\n\x0e\x62ytes_restored\x18\x02 \x01(\x04\x12\x1f\n\x17pre_restore_backup_path\x18\x03 \x01(\t\x12+\n\x08\x64uration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xa8\x01\n\x0fRestoreResponse\x12\x30\n\x08progress\x18\x01 \x01(\x0b\x32\x1c.safehold.v1.RestoreProgressH\x00\x12,\n\x06notice\x18\x02 \x01(\x0b\x32\x1a.safehold.v1.RestoreNoticeH\x00\x12,\n\x06result\x18\x03 \x01(\x0b\x32\x1a.safehold.v1.RestoreResultH\x00\x42\x07\n\x05\x66rame\"\x16\n\x14GetServerInfoRequest\"\xdf\x03\n\x15GetServerInfoResponse\x12#\n\x06\x65ngine\x18\x01 \x01(\x0e\x32\x13.safehold.v1.Engine\x12\x16\n\x0e\x65ngine_version\x18\x02 \x01(\t\x12\x15\n\rdatabase_name\x18\x03 \x01(\t\x12\x1b\n\x13\x64\x61tabase_size_bytes\x18\x04 \x01(\x04\x12\x18\n\x10safehold_version\x18\x05 \x01(\t\x12K\n\rtool_versions\x18\x06 \x03(\x0b\x32\x34.safehold.v1.GetServerInfoResponse.ToolVersionsEntry\x12\x18\n\x10max_upload_bytes\x18\x07 \x01(\x04\x12\x1d\n\x15pre_restore_directory\x18\x08 \x01(\t\x12!\n\x19newest_pre_restore_backup\x18\t \x01(\t\x12\x10\n\x08warnings\x18\n \x03(\t\x12\x19\n\x11\x64\x61tabase_location\x18\x0b \x01(\t\x12\x18\n\x10restore_blockers\x18\x0c \x03(\t\x12\x16\n\x0eschema_version\x18\r \x01(\t\x1a\x33\n\x11ToolVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*J\n\x06\x45ngine\x12\x16\n\x12\x45NGINE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45NGINE_POSTGRESQL\x10\x01\x12\x11\n\rENGINE_SQLITE\x10\x02*\x93\x01\n\nDumpFormat\x12\x1b\n\x17\x44UMP_FORMAT_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44UMP_FORMAT_PG_CUSTOM\x10\x01\x12\x16\n\x12\x44UMP_FORMAT_PG_TAR\x10\x02\x12\x18\n\x14\x44UMP_FORMAT_PG_PLAIN\x10\x03\x12\x1b\n\x17\x44UMP_FORMAT_SQLITE_FILE\x10\x04*\xc2\x01\n\x0cRestorePhase\x12\x1d\n\x19RESTORE_PHASE_UNSPECIFIED\x10\x00\x12\x1b\n\x17RESTORE_PHASE_RECEIVING\x10\x01\x12\x1b\n\x17RESTORE_PHASE_VERIFYING\x10\x02\x12$\n RESTORE_PHASE_PRE_RESTORE_BACKUP\x10\x03\x12\x1b\n\x17RESTORE_PHASE_RESTORING\x10\x04\x12\x16\n\x12RESTORE_PHASE_DONE\x10\x05\x32\xf6\x01\n\rBackupService\x12\x43\n\x06\x42\x61\x63kup\x12\x1a.safehold.v1.BackupRequest\x1a\x1b.safehold.v1.BackupResponse0\x01\x12H\n\x07Restore\x12\x1b.safehold.v1.RestoreRequest\x1a\x1c.safehold.v1.RestoreResponse(\x01\x30\x01\x12V\n\rGetServerInfo\x12!.safehold.v1.GetServerInfoRequest\x1a\".safehold.v1.GetServerInfoResponseBq\n\x0f\x64\x65v.safehold.v1B\x12\x42\x61\x63kupServiceProtoP\x01Z:github.com/safehold/safehold/gen/go/safehold/v1;safeholdv1\xaa\x02\x0bSafehold.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,38 +36,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.safehold.v1B\022BackupServiceProtoP\001Z:github.com/safehold/safehold/gen/go/safehold/v1;safeholdv1\252\002\013Safehold.V1'
   _globals['_GETSERVERINFORESPONSE_TOOLVERSIONSENTRY']._loaded_options = None
   _globals['_GETSERVERINFORESPONSE_TOOLVERSIONSENTRY']._serialized_options = b'8\001'
-  _globals['_ENGINE']._serialized_start=1913
-  _globals['_ENGINE']._serialized_end=1987
-  _globals['_DUMPFORMAT']._serialized_start=1990
-  _globals['_DUMPFORMAT']._serialized_end=2137
-  _globals['_RESTOREPHASE']._serialized_start=2140
-  _globals['_RESTOREPHASE']._serialized_end=2334
+  _globals['_ENGINE']._serialized_start=1993
+  _globals['_ENGINE']._serialized_end=2067
+  _globals['_DUMPFORMAT']._serialized_start=2070
+  _globals['_DUMPFORMAT']._serialized_end=2217
+  _globals['_RESTOREPHASE']._serialized_start=2220
+  _globals['_RESTOREPHASE']._serialized_end=2414
   _globals['_DIGEST']._serialized_start=114
   _globals['_DIGEST']._serialized_end=158
   _globals['_BACKUPREQUEST']._serialized_start=160
   _globals['_BACKUPREQUEST']._serialized_end=229
   _globals['_BACKUPMANIFEST']._serialized_start=232
-  _globals['_BACKUPMANIFEST']._serialized_end=481
-  _globals['_BACKUPRESPONSE']._serialized_start=484
-  _globals['_BACKUPRESPONSE']._serialized_end=615
-  _globals['_RESTOREHEADER']._serialized_start=618
-  _globals['_RESTOREHEADER']._serialized_end=797
-  _globals['_RESTOREREQUEST']._serialized_start=800
-  _globals['_RESTOREREQUEST']._serialized_end=928
-  _globals['_RESTOREPROGRESS']._serialized_start=930
-  _globals['_RESTOREPROGRESS']._serialized_end=1051
-  _globals['_RESTORENOTICE']._serialized_start=1053
-  _globals['_RESTORENOTICE']._serialized_end=1101
-  _globals['_RESTORERESULT']._serialized_start=1104
-  _globals['_RESTORERESULT']._serialized_end=1258
-  _globals['_RESTORERESPONSE']._serialized_start=1261
-  _globals['_RESTORERESPONSE']._serialized_end=1429
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1431
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1453
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=1456
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=1911
-  _globals['_GETSERVERINFORESPONSE_TOOLVERSIONSENTRY']._serialized_start=1860
-  _globals['_GETSERVERINFORESPONSE_TOOLVERSIONSENTRY']._serialized_end=1911
-  _globals['_BACKUPSERVICE']._serialized_start=2337
-  _globals['_BACKUPSERVICE']._serialized_end=2583
+  _globals['_BACKUPMANIFEST']._serialized_end=505
+  _globals['_BACKUPRESPONSE']._serialized_start=508
+  _globals['_BACKUPRESPONSE']._serialized_end=639
+  _globals['_RESTOREHEADER']._serialized_start=642
+  _globals['_RESTOREHEADER']._serialized_end=853
+  _globals['_RESTOREREQUEST']._serialized_start=856
+  _globals['_RESTOREREQUEST']._serialized_end=984
+  _globals['_RESTOREPROGRESS']._serialized_start=986
+  _globals['_RESTOREPROGRESS']._serialized_end=1107
+  _globals['_RESTORENOTICE']._serialized_start=1109
+  _globals['_RESTORENOTICE']._serialized_end=1157
+  _globals['_RESTORERESULT']._serialized_start=1160
+  _globals['_RESTORERESULT']._serialized_end=1314
+  _globals['_RESTORERESPONSE']._serialized_start=1317
+  _globals['_RESTORERESPONSE']._serialized_end=1485
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1487
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1509
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=1512
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=1991
+  _globals['_GETSERVERINFORESPONSE_TOOLVERSIONSENTRY']._serialized_start=1940
+  _globals['_GETSERVERINFORESPONSE_TOOLVERSIONSENTRY']._serialized_end=1991
+  _globals['_BACKUPSERVICE']._serialized_start=2417
+  _globals['_BACKUPSERVICE']._serialized_end=2663
 # @@protoc_insertion_point(module_scope)

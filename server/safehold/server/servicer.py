@@ -188,6 +188,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
             warnings=info.warnings,
             pre_restore_directory=str(self.pre_restore.directory),
             newest_pre_restore_backup=str(newest) if newest else "",
+            schema_version=info.schema_version,
             database_location=self._config.target.describe(),
             restore_blockers=info.restore_blockers,
         )
@@ -244,6 +245,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
                     database_name=info.database_name,
                     created_at=created,
                     suggested_file_name=f"{info.database_name}-{stamp}{self._engine.file_suffix}",
+                    schema_version=info.schema_version,
                 )
             )
             for chunk in chunks:
@@ -284,6 +286,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
         options = RestoreOptions(
             allow_version_mismatch=header.allow_version_mismatch,
             terminate_blocking_sessions=header.terminate_blocking_sessions,
+            allow_schema_downgrade=header.allow_schema_downgrade,
         )
         if not self._restore_lock.acquire(blocking=False):
             raise RestoreInProgress("another restore is running; try again when it has finished")
@@ -422,7 +425,9 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
             log.exception("restore failed part-way; putting the pre-restore backup back")
             try:
                 self._engine.restore(
-                    pre_restore, RestoreOptions(allow_version_mismatch=True), notices.append
+                    pre_restore,
+                    RestoreOptions(allow_version_mismatch=True, allow_schema_downgrade=True),
+                    notices.append,
                 )
             except Exception:
                 log.exception("putting the pre-restore backup back failed too")
