@@ -65,6 +65,12 @@ class Reason(enum.StrEnum):
     BACKUP_FAILED = "BACKUP_FAILED"
     CANCELLED = "CANCELLED"
     SHUTTING_DOWN = "SHUTTING_DOWN"
+    SCHEMA_NEWER = "SCHEMA_NEWER"
+    """The backup's application schema is newer than the database's; the header's
+    allow_schema_downgrade restores it anyway."""
+    SETTINGS_MISMATCH = "SETTINGS_MISMATCH"
+    """The backup was made with a setting the live database cannot take in place
+    (e.g. another SQLite text encoding); the message says which and what to do."""
     NO_REPOSITORY = "NO_REPOSITORY"
     REPOSITORY_FAILED = "REPOSITORY_FAILED"
     INTERNAL = "INTERNAL"

@@ -24,6 +24,8 @@ from safehold.client.errors import (
     NoPassword,
     RestoreFailed,
     SafeholdError,
+    SchemaNewer,
+    SettingsMismatch,
     TlsConfigError,
     VersionMismatch,
 )
@@ -50,7 +52,9 @@ __all__ = [
     "RestoreFailed",
     "RestoreResult",
     "SafeholdError",
+    "SchemaNewer",
     "ServerInfo",
+    "SettingsMismatch",
     "TlsConfigError",
     "TlsOptions",
     "VersionMismatch",

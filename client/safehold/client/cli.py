@@ -127,6 +127,7 @@ def _restore(client: Client, args: argparse.Namespace) -> int:
         client,
         allow_version_mismatch=args.allow_version_mismatch,
         terminate_blocking_sessions=args.terminate_blocking_sessions,
+        allow_schema_downgrade=args.allow_schema_downgrade,
         on_progress=progress,
         on_notice=show_notice,
     )
@@ -152,6 +153,7 @@ def _info(client: Client, args: argparse.Namespace) -> int:
         say(f"restore:       BLOCKED: {blocker}")
     for tool, tool_version in sorted(info.tool_versions.items()):
         say(f"{tool + ':':<14} {tool_version}")
+    say(f"schema:        {info.schema_version or 'unknown'}")
     say(f"safehold:      {info.safehold_version}")
     limit = str(info.max_upload_bytes) + " bytes" if info.max_upload_bytes else "none"
     print(f"upload limit:  {limit}")
@@ -375,6 +377,11 @@ def _parser() -> argparse.ArgumentParser:
         "--terminate-blocking-sessions",
         action="store_true",
         help="PostgreSQL: end sessions that hold locks instead of failing",
+    )
+    restore.add_argument(
+        "--allow-schema-downgrade",
+        action="store_true",
+        help="restore a backup whose application schema version is newer than the database's",
     )
     restore.set_defaults(run=_restore)
 

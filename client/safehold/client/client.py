@@ -96,6 +96,8 @@ class ServerInfo:
     """What the operator should fix on the server side (e.g. a superuser role)."""
     pre_restore_directory: str = ""
     newest_pre_restore_backup: str = ""
+    schema_version: str = ""
+    """The application's schema version of the database; empty when unknown."""
     database_location: str = ""
     """Exactly which database: `postgresql user@host:port/name` or `sqlite /path`."""
     restore_blockers: list[str] = field(default_factory=list)
@@ -113,6 +115,8 @@ class BackupResult:
     engine_version: str
     database_name: str
     created_at: datetime
+    schema_version: str = ""
+    """The application's schema version in the backup; empty when unknown."""
 
 
 @dataclass(frozen=True)
@@ -201,6 +205,7 @@ class Client:
                 warnings=list(reply.warnings),
                 pre_restore_directory=reply.pre_restore_directory,
                 newest_pre_restore_backup=reply.newest_pre_restore_backup,
+                schema_version=reply.schema_version,
                 database_location=reply.database_location,
                 restore_blockers=list(reply.restore_blockers),
             )
@@ -280,13 +285,16 @@ class Client:
         *,
         allow_version_mismatch: bool = False,
         terminate_blocking_sessions: bool = False,
+        allow_schema_downgrade: bool = False,
         on_progress: ProgressCallback | None = None,
         on_notice: NoticeCallback | None = None,
     ) -> RestoreResult:
         """Replace the server's database with the backup at src.
 
         Refuses, before sending a byte, a file that is no backup or is for
-        another engine than the server's.
+        another engine than the server's. The server refuses a backup whose
+        application schema is newer than the database's (SchemaNewer) unless
+        allow_schema_downgrade.
         """
         src = Path(src)
         src = Path(src)
@@ -300,6 +308,7 @@ class Client:
             size,
             allow_version_mismatch=allow_version_mismatch,
             terminate_blocking_sessions=terminate_blocking_sessions,
+            allow_schema_downgrade=allow_schema_downgrade,
             on_progress=on_progress,
             on_notice=on_notice,
         )
@@ -312,6 +321,7 @@ class Client:
         identities: Sequence[crypto.Identity] = (),
         allow_version_mismatch: bool = False,
         terminate_blocking_sessions: bool = False,
+        allow_schema_downgrade: bool = False,
         on_progress: ProgressCallback | None = None,
         on_notice: NoticeCallback | None = None,
     ) -> RestoreResult:
@@ -327,6 +337,7 @@ class Client:
             manifest.size_bytes,
             allow_version_mismatch=allow_version_mismatch,
             terminate_blocking_sessions=terminate_blocking_sessions,
+            allow_schema_downgrade=allow_schema_downgrade,
             on_progress=on_progress,
             on_notice=on_notice,
         )
@@ -339,6 +350,7 @@ class Client:
         *,
         allow_version_mismatch: bool,
         terminate_blocking_sessions: bool,
+        allow_schema_downgrade: bool,
         on_progress: ProgressCallback | None,
         on_notice: NoticeCallback | None,
     ) -> RestoreResult:
@@ -349,6 +361,7 @@ class Client:
             expected_size_bytes=size,
             allow_version_mismatch=allow_version_mismatch,
             terminate_blocking_sessions=terminate_blocking_sessions,
+            allow_schema_downgrade=allow_schema_downgrade,
         )
         return self._retrying(lambda: self._restore_once(opener, header, on_progress, on_notice))
 
@@ -417,6 +430,7 @@ class Client:
                     suggested_name=safe_name(
                         manifest.suggested_file_name, file_suffix(manifest.dump_format)
                     ),
+                    schema_version=manifest.schema_version or None,
                 )
                 stream = _BackupStream(responses, on_progress)
                 return repository.write(artefact, as_binary(stream), recipients)
@@ -467,6 +481,7 @@ class Client:
                     engine_version=manifest.engine_version,
                     database_name=manifest.database_name,
                     created_at=manifest.created_at.ToDatetime(),
+                    schema_version=manifest.schema_version,
                 )
                 path = sink.commit(_sidecar(result, manifest))
             return dataclasses.replace(result, path=path)
@@ -789,6 +804,7 @@ def _sidecar(result: BackupResult, manifest: pb.BackupManifest) -> bytes:
                 "database_name": result.database_name,
                 "created_at": result.created_at.isoformat() + "Z",
                 "safehold_version": manifest.safehold_version,
+                "schema_version": manifest.schema_version or None,
                 "size_bytes": result.size_bytes,
                 "sha256": result.sha256,
             },

@@ -65,6 +65,17 @@ class VersionMismatch(SafeholdError):
     """The backup's engine version cannot, or should not, be restored here."""
 
 
+class SchemaNewer(SafeholdError):
+    """The backup comes from a newer version of the application than the database:
+    the application would not understand it. Upgrade the application first, or
+    restore with allow_schema_downgrade."""
+
+
+class SettingsMismatch(SafeholdError):
+    """The backup was made with a database setting the live database cannot take
+    in place (e.g. another SQLite text encoding); the message says what to do."""
+
+
 class InvalidBackup(SafeholdError):
     """The upload is not a backup, or is incomplete, or its frames are out of order."""
 
@@ -129,6 +140,8 @@ _BY_REASON: dict[str, type[SafeholdError]] = {
     Reason.UNAUTHENTICATED: AuthenticationFailed,
     Reason.ENGINE_MISMATCH: EngineMismatch,
     Reason.VERSION_MISMATCH: VersionMismatch,
+    Reason.SCHEMA_NEWER: SchemaNewer,
+    Reason.SETTINGS_MISMATCH: SettingsMismatch,
     Reason.NOT_A_BACKUP: InvalidBackup,
     Reason.TRUNCATED_UPLOAD: InvalidBackup,
     Reason.BAD_FRAME: InvalidBackup,

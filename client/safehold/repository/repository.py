@@ -59,6 +59,8 @@ class Artefact:
     created_at: datetime
     safehold_version: str
     suggested_name: str
+    schema_version: str | None = None
+    """The application's schema version the server read; None when unknown."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,7 @@ class Repository:
             stored_size_bytes=out.size,
             stored_sha256=out.sha256,
             encryption=ENCRYPTION_AGE if recipients else ENCRYPTION_NONE,
+            schema_version=artefact.schema_version,
         )
         with self.store.create(manifest_name(name)) as f:
             f.write(manifest.to_json())

@@ -189,6 +189,7 @@ class BackupManifest(_message.Message):
     DATABASE_NAME_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     SUGGESTED_FILE_NAME_FIELD_NUMBER: _builtins.int
+    SCHEMA_VERSION_FIELD_NUMBER: _builtins.int
     engine: Global___Engine.ValueType
     """Engine that produced the backup."""
     engine_version: _builtins.str
@@ -201,6 +202,11 @@ class BackupManifest(_message.Message):
     """Name of the database backed up."""
     suggested_file_name: _builtins.str
     """A file name for the backup, e.g. `app-20261126T081200Z.dump`."""
+    schema_version: _builtins.str
+    """The application's schema version in the backup (e.g. the newest TypeORM
+    migration's timestamp), as the server's schema version query read it;
+    empty when unknown.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When the snapshot was taken."""
@@ -215,10 +221,11 @@ class BackupManifest(_message.Message):
         database_name: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         suggested_file_name: _builtins.str = ...,
+        schema_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "database_name", b"database_name", "dump_format", b"dump_format", "engine", b"engine", "engine_version", b"engine_version", "safehold_version", b"safehold_version", "suggested_file_name", b"suggested_file_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "database_name", b"database_name", "dump_format", b"dump_format", "engine", b"engine", "engine_version", b"engine_version", "safehold_version", b"safehold_version", "schema_version", b"schema_version", "suggested_file_name", b"suggested_file_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -270,6 +277,7 @@ class RestoreHeader(_message.Message):
     EXPECTED_SIZE_BYTES_FIELD_NUMBER: _builtins.int
     ALLOW_VERSION_MISMATCH_FIELD_NUMBER: _builtins.int
     TERMINATE_BLOCKING_SESSIONS_FIELD_NUMBER: _builtins.int
+    ALLOW_SCHEMA_DOWNGRADE_FIELD_NUMBER: _builtins.int
     engine: Global___Engine.ValueType
     """The engine the client believes the backup is for; the server refuses a
     mismatch with FAILED_PRECONDITION before the upload starts.
@@ -286,6 +294,11 @@ class RestoreHeader(_message.Message):
     """PostgreSQL: end other sessions that hold locks on the database instead of
     waiting for them and failing.
     """
+    allow_schema_downgrade: _builtins.bool
+    """Restore a backup whose application schema version is newer than the
+    database's (reported as a notice instead of refused with SCHEMA_NEWER).
+    The server reads the version from the upload itself, never from the client.
+    """
     def __init__(
         self,
         *,
@@ -293,10 +306,11 @@ class RestoreHeader(_message.Message):
         expected_size_bytes: _builtins.int | None = ...,
         allow_version_mismatch: _builtins.bool = ...,
         terminate_blocking_sessions: _builtins.bool = ...,
+        allow_schema_downgrade: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_size_bytes", b"_expected_size_bytes", "expected_size_bytes", b"expected_size_bytes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_size_bytes", b"_expected_size_bytes", "allow_version_mismatch", b"allow_version_mismatch", "engine", b"engine", "expected_size_bytes", b"expected_size_bytes", "terminate_blocking_sessions", b"terminate_blocking_sessions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_size_bytes", b"_expected_size_bytes", "allow_schema_downgrade", b"allow_schema_downgrade", "allow_version_mismatch", b"allow_version_mismatch", "engine", b"engine", "expected_size_bytes", b"expected_size_bytes", "terminate_blocking_sessions", b"terminate_blocking_sessions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expected_size_bytes: _TypeAlias = _typing.Literal["expected_size_bytes"]  # noqa: Y015
     _WhichOneofArgType__expected_size_bytes: _TypeAlias = _typing.Literal["_expected_size_bytes", b"_expected_size_bytes"]  # noqa: Y015
@@ -386,7 +400,7 @@ class RestoreNotice(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
     """Machine-readable kind, e.g. VERSION_MISMATCH, PRE_RESTORE_BACKUP,
-    OWNERSHIP_SKIPPED, ENGINE_OUTPUT.
+    OWNERSHIP_SKIPPED, ENGINE_OUTPUT, SCHEMA_OLDER, SCHEMA_NEWER, SCHEMA_UNKNOWN.
     """
     message: _builtins.str
     """Human-readable text."""
@@ -533,6 +547,7 @@ class GetServerInfoResponse(_message.Message):
     WARNINGS_FIELD_NUMBER: _builtins.int
     DATABASE_LOCATION_FIELD_NUMBER: _builtins.int
     RESTORE_BLOCKERS_FIELD_NUMBER: _builtins.int
+    SCHEMA_VERSION_FIELD_NUMBER: _builtins.int
     engine: Global___Engine.ValueType
     """Engine of the database."""
     engine_version: _builtins.str
@@ -552,6 +567,10 @@ class GetServerInfoResponse(_message.Message):
     database_location: _builtins.str
     """Where the database is, exactly: `postgresql user@host:port/name` or
     `sqlite /path/to/file`, so an operator sees which database a backup is of.
+    """
+    schema_version: _builtins.str
+    """The application's schema version of the database (see
+    BackupManifest.schema_version); empty when unknown.
     """
     @_builtins.property
     def tool_versions(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -584,10 +603,11 @@ class GetServerInfoResponse(_message.Message):
         warnings: _abc.Iterable[_builtins.str] | None = ...,
         database_location: _builtins.str = ...,
         restore_blockers: _abc.Iterable[_builtins.str] | None = ...,
+        schema_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["database_location", b"database_location", "database_name", b"database_name", "database_size_bytes", b"database_size_bytes", "engine", b"engine", "engine_version", b"engine_version", "max_upload_bytes", b"max_upload_bytes", "newest_pre_restore_backup", b"newest_pre_restore_backup", "pre_restore_directory", b"pre_restore_directory", "restore_blockers", b"restore_blockers", "safehold_version", b"safehold_version", "tool_versions", b"tool_versions", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database_location", b"database_location", "database_name", b"database_name", "database_size_bytes", b"database_size_bytes", "engine", b"engine", "engine_version", b"engine_version", "max_upload_bytes", b"max_upload_bytes", "newest_pre_restore_backup", b"newest_pre_restore_backup", "pre_restore_directory", b"pre_restore_directory", "restore_blockers", b"restore_blockers", "safehold_version", b"safehold_version", "schema_version", b"schema_version", "tool_versions", b"tool_versions", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -28,6 +28,9 @@ N = TypeVar("N", int, float)
 DEFAULT_LISTEN = "127.0.0.1:50051"
 EMBEDDED_SQLITE_NAME = "safehold.sqlite"
 """The database `safehold serve` creates in its data dir when none is configured."""
+TYPEORM_SCHEMA_QUERY = 'SELECT max("timestamp") FROM migrations'
+"""GameVault's schema version: TypeORM records each migration it ran in `migrations`
+(id, timestamp bigint, name); the newest timestamp is the schema's version."""
 
 
 class ConfigError(Exception):
@@ -89,6 +92,8 @@ class Config:
     max_concurrent_backups: int
     log_json: bool
     metrics_listen: str | None
+    schema_version_query: str | None = None
+    """The application's schema version; None detects common migration tables."""
     reflection: bool = False
     health_listen: str | None = None
     health_interval_seconds: float = 10.0
@@ -191,6 +196,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="refuse an upload whose checks (SQLite's integrity check) take longer, "
         "default 600 " + env % "SAFEHOLD_INSPECT_TIMEOUT",
+    )
+    parser.add_argument(
+        "--schema-version-query",
+        help="read-only SQL giving the application's schema version (one row, one value "
+        "that orders); default with GameVault's DB_* variables: TypeORM's migrations table, "
+        "otherwise common migration tables are detected " + env % "SAFEHOLD_SCHEMA_VERSION_QUERY",
     )
     parser.add_argument(
         "--restore-timeout",
@@ -305,6 +316,8 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         reflection=_flag(pick(args.reflection, "REFLECTION")),
         health_listen=health_listen,
         health_interval_seconds=_health_interval(pick(args.health_interval, "HEALTH_INTERVAL")),
+        schema_version_query=pick(args.schema_version_query, "SCHEMA_VERSION_QUERY")
+        or (TYPEORM_SCHEMA_QUERY if gamevault_url else None),
         repository=_repository_settings(args, environ),
     )
 

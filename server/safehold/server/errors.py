@@ -85,6 +85,16 @@ class VersionMismatch(SafeholdError):
     reason = Reason.VERSION_MISMATCH
 
 
+class SchemaNewer(SafeholdError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = Reason.SCHEMA_NEWER
+
+
+class SettingsMismatch(SafeholdError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = Reason.SETTINGS_MISMATCH
+
+
 class InsufficientPrivilege(SafeholdError):
     """The database role lacks a right the restore needs; the message names it."""
 

@@ -61,7 +61,7 @@ SAFEHOLD_VERSION = version("safehold")
 PROGRESS_EVERY_BYTES = 8 * 1024 * 1024
 """How often the receiving phase reports progress."""
 
-Method = Callable[..., Iterator[Any]]
+Method = Callable[..., Generator[Any, None, None]]
 _SANE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -84,15 +84,20 @@ def _serves(operation: str | None) -> Callable[[Method], Method]:
         @functools.wraps(method)
         def wrapper(
             self: BackupServicer, request: object, context: grpc.ServicerContext
-        ) -> Iterator[Any]:
+        ) -> Generator[Any, None, None]:
             request_id.set(_request_id_of(context))
             try:
                 context.send_initial_metadata(((REQUEST_ID_KEY, request_id.get()),))
                 if operation:
                     self._metrics.started(operation)
                 final = None
-                with self._calls.running(operation):
-                    for item in method(self, request, context):
+                with (
+                    self._calls.running(operation),
+                    contextlib.closing(method(self, request, context)) as items,
+                ):
+                    # closing(): a caller gone mid-call ends the method at once
+                    # (its locks and files go), not whenever it is collected.
+                    for item in items:
                         if isinstance(item, Last):
                             final = item.message  # the method goes on to its end first
                         else:
@@ -173,7 +178,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
     @_serves(None)
     def _server_info(
         self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.GetServerInfoResponse]:
+    ) -> Generator[pb.GetServerInfoResponse, None, None]:
         info = self._engine.info()
         newest = self.pre_restore.newest()
         yield pb.GetServerInfoResponse(
@@ -187,6 +192,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
             warnings=info.warnings,
             pre_restore_directory=str(self.pre_restore.directory),
             newest_pre_restore_backup=str(newest) if newest else "",
+            schema_version=info.schema_version,
             database_location=self._config.target.describe(),
             restore_blockers=info.restore_blockers,
         )
@@ -194,7 +200,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
     @_serves("backup")
     def Backup(
         self, request: pb.BackupRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.BackupResponse | Last]:
+    ) -> Generator[pb.BackupResponse | Last, None, None]:
         self._refuse_when_stopping()
         level = request.compression_level if request.HasField("compression_level") else None
         if level is not None and not 0 <= level <= 9:
@@ -250,7 +256,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
     @_serves(None)
     def _list_backups(
         self, request: pb.ListRepositoryBackupsRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.ListRepositoryBackupsResponse]:
+    ) -> Generator[pb.ListRepositoryBackupsResponse, None, None]:
         yield page(self._keeper().repository, request)
 
     def CreateRepositoryBackup(
@@ -262,7 +268,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
     @_serves("repository_backup")
     def _backup_now(
         self, request: pb.CreateRepositoryBackupRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.CreateRepositoryBackupResponse]:
+    ) -> Generator[pb.CreateRepositoryBackupResponse, None, None]:
         result = self._keeper().run_now(self._config.lock_timeout_seconds)
         yield pb.CreateRepositoryBackupResponse(
             backup=entry(result.manifest),
@@ -302,6 +308,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
                     database_name=info.database_name,
                     created_at=created,
                     suggested_file_name=f"{info.database_name}-{stamp}{self._engine.file_suffix}",
+                    schema_version=info.schema_version,
                 )
             )
             for chunk in chunks:
@@ -324,7 +331,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
     @_serves("restore")
     def Restore(
         self, request_iterator: Iterator[pb.RestoreRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.RestoreResponse | Last]:
+    ) -> Generator[pb.RestoreResponse | Last, None, None]:
         self._refuse_when_stopping()
         started = time.monotonic()
         with IdleWatchdog(
@@ -342,6 +349,7 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
         options = RestoreOptions(
             allow_version_mismatch=header.allow_version_mismatch,
             terminate_blocking_sessions=header.terminate_blocking_sessions,
+            allow_schema_downgrade=header.allow_schema_downgrade,
         )
         if not self._restore_lock.acquire(blocking=False):
             raise RestoreInProgress("another restore is running; try again when it has finished")
@@ -480,7 +488,9 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
             log.exception("restore failed part-way; putting the pre-restore backup back")
             try:
                 self._engine.restore(
-                    pre_restore, RestoreOptions(allow_version_mismatch=True), notices.append
+                    pre_restore,
+                    RestoreOptions(allow_version_mismatch=True, allow_schema_downgrade=True),
+                    notices.append,
                 )
             except Exception:
                 log.exception("putting the pre-restore backup back failed too")

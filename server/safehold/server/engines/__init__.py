@@ -40,6 +40,8 @@ class EngineInfo:
     tool_versions: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     """What the operator should fix, such as a role with more rights than it needs."""
+    schema_version: str = ""
+    """The application's schema version (schema_version.py); empty when unknown."""
     restore_blockers: list[str] = field(default_factory=list)
     """What would stop a restore before it starts (e.g. a schema the role does not own)."""
 
@@ -50,6 +52,7 @@ class RestoreOptions:
 
     allow_version_mismatch: bool = False
     terminate_blocking_sessions: bool = False
+    allow_schema_downgrade: bool = False
 
 
 class Engine(Protocol):
@@ -113,6 +116,7 @@ def open_engine(config: Config) -> Engine:
             config.target,
             config.password,
             config.lock_timeout_seconds,
+            schema_query=config.schema_version_query,
             restore_timeout=config.restore_timeout_seconds,
         )
     from safehold.server.engines.sqlite import SqliteEngine
@@ -122,4 +126,5 @@ def open_engine(config: Config) -> Engine:
         config.spool_dir,
         config.lock_timeout_seconds,
         inspect_timeout=config.inspect_timeout_seconds,
+        schema_query=config.schema_version_query,
     )

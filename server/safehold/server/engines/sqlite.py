@@ -11,6 +11,14 @@ and immutable, with trusted_schema off (the schema may not call functions with
 side effects), cell_size_check on, no attached databases, tight recursion
 limits, and a deadline on the checks through a progress handler, so that an
 index built to be slow is refused instead of holding the restore lock.
+
+A backup made elsewhere (another page size, journal mode, auto-vacuum, a
+sqlite3 `.backup`, `VACUUM INTO` or a plain copy) restores into the live file
+whatever its mode: the one thing the backup API cannot do, change the page size
+of a WAL database, is done on the spooled copy first (`VACUUM` to the live page
+size). A text encoding other than the live database's is refused before
+anything is touched: open connections cannot read a database whose encoding
+changed under them.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from pathlib import Path
 
 from safehold.files import atomic_path, private_temp_file
 from safehold.formats import SNIFF_BYTES, engine_label, engine_of, sniff
+from safehold.server import schema_version
 from safehold.server.config import SqliteTarget
 from safehold.server.engines import EngineInfo, Notice, Notify, RestoreOptions, read_chunks
 from safehold.server.errors import (
@@ -35,6 +44,7 @@ from safehold.server.errors import (
     EngineMismatch,
     NotABackup,
     RestoreFailed,
+    SettingsMismatch,
 )
 from safehold.v1 import backup_service_pb2 as pb
 
@@ -57,11 +67,13 @@ class SqliteEngine:
         lock_timeout: float,
         *,
         inspect_timeout: float = 600,
+        schema_query: str | None = None,
     ) -> None:
         self._path = target.path
         self._scratch_dir = scratch_dir
         self._lock_timeout = lock_timeout
         self._inspect_timeout = inspect_timeout
+        self._schema_queries = schema_version.queries(schema_query)
 
     def info(self) -> EngineInfo:
         size = sum(
@@ -74,6 +86,7 @@ class SqliteEngine:
             database_name=self._path.stem,
             size_bytes=size,
             tool_versions={"sqlite": sqlite3.sqlite_version},
+            schema_version=self._live_schema_version().value or "",
         )
 
     def check(self) -> None:
@@ -116,6 +129,7 @@ class SqliteEngine:
                 )
             raise NotABackup("the upload is not a SQLite database (no SQLite header)")
         _check_page_alignment(head, path.stat().st_size)
+        _check_encoding(head, _header(self._path))
         deadline = time.monotonic() + self._inspect_timeout
         try:
             with contextlib.closing(_connect_untrusted(path, deadline)) as db:
@@ -132,7 +146,9 @@ class SqliteEngine:
         return []
 
     def restore(self, path: Path, options: RestoreOptions, notify: Notify) -> None:
+        self._check_schema_version(path, options, notify)
         _keep_journal_mode(path, self._path)
+        self._fit_page_size(path, notify)
         with contextlib.closing(_connect_file(path, "ro", immutable=True)) as source:
             try:
                 self._copy(source, self._connect_live(), "restore")
@@ -141,6 +157,66 @@ class SqliteEngine:
                 # destination; an error rolls it back.
                 raise RestoreFailed(f"SQLite refused the restore: {exc}") from None
         self._checkpoint()
+
+    def _fit_page_size(self, path: Path, notify: Notify) -> None:
+        """A WAL database cannot change its page size, and the backup API refuses
+        to try (SQLITE_READONLY): rewrite the spooled upload to the live page size."""
+        live = _header(self._path)
+        upload = _header(path)
+        if not _is_wal(live) or _page_size(live) == _page_size(upload):
+            return
+        with open(path, "r+b") as f:  # the spooled copy, ours: it needs no WAL to be rewritten
+            f.seek(18)
+            f.write(b"\x01\x01")
+        deadline = time.monotonic() + self._inspect_timeout
+        try:
+            with contextlib.closing(_connect_untrusted(path, deadline, writable=True)) as db:
+                db.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 1)  # VACUUM attaches its new copy
+                db.execute(f"PRAGMA page_size = {_page_size(live)}")
+                db.execute("VACUUM")
+        except sqlite3.Error as exc:
+            raise SettingsMismatch(
+                f"the backup's page size is {_page_size(upload)} bytes and the database, in "
+                f"WAL mode, keeps its {_page_size(live)}; rewriting the backup failed ({exc}): "
+                f"convert it first with sqlite3 BACKUP 'PRAGMA page_size={_page_size(live)}; "
+                "VACUUM' and restore that"
+            ) from None
+        finally:
+            path.with_name(path.name + "-journal").unlink(missing_ok=True)
+        notify(
+            Notice(
+                "PAGE_SIZE_CONVERTED",
+                f"the backup's page size ({_page_size(upload)} bytes) was rewritten to the "
+                f"database's ({_page_size(live)} bytes), which a WAL database keeps",
+            )
+        )
+
+    def _check_schema_version(self, path: Path, options: RestoreOptions, notify: Notify) -> None:
+        """Compare the upload's schema version with the live database's. Here, not in
+        inspect(): the live database is read only once the restore may wait for it
+        (its locks are the application's), and before anything is written."""
+        deadline = time.monotonic() + self._inspect_timeout
+        try:
+            with contextlib.closing(_connect_untrusted(path, deadline)) as db:
+                upload = self._schema_version(db)
+        except sqlite3.Error as exc:
+            upload = schema_version.SchemaVersion(None, f"the upload cannot be read: {exc}")
+        live = self._live_schema_version()
+        for notice in schema_version.judge(upload, live, options.allow_schema_downgrade):
+            notify(notice)
+
+    def _live_schema_version(self) -> schema_version.SchemaVersion:
+        try:
+            with contextlib.closing(_connect_file(self._path, "ro")) as db:
+                db.execute(f"PRAGMA busy_timeout = {int(self._lock_timeout * 1000)}")
+                return self._schema_version(db)
+        except sqlite3.Error as exc:
+            return schema_version.SchemaVersion(None, f"the database cannot be read: {exc}")
+
+    def _schema_version(self, db: sqlite3.Connection) -> schema_version.SchemaVersion:
+        return schema_version.read(
+            lambda sql: db.execute(sql).fetchall(), self._schema_queries, sqlite3.Error
+        )
 
     def _copy_live_to(self, dest: Path) -> None:
         """Copy the live file (and its WAL) as bytes, inside a read transaction,
@@ -172,6 +248,11 @@ class SqliteEngine:
                     busy = copy.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
                     if busy is None or busy[0] != 0:
                         raise BackupFailed("cannot fold the copied WAL into the snapshot")
+            if dest.stat().st_size == 0:
+                # A database nobody has written yet is an empty file; its backup is a
+                # real SQLite file (header and empty schema), as the backup API made.
+                with contextlib.closing(_connect_file(dest, "rw")) as copy:
+                    copy.execute("VACUUM")
         except sqlite3.OperationalError as exc:
             if "locked" in str(exc) or "busy" in str(exc):
                 raise DatabaseBusy(
@@ -255,9 +336,12 @@ _WAL_VERSION = 2
 """Header bytes 18 and 19 (file format write and read versions): 2 means WAL, 1 rollback."""
 
 
-def _connect_untrusted(path: Path, deadline: float) -> sqlite3.Connection:
-    """A file from a stranger, opened the way SQLite advises for untrusted files."""
-    db = _connect_file(path, "ro", immutable=True)
+def _connect_untrusted(
+    path: Path, deadline: float, *, writable: bool = False
+) -> sqlite3.Connection:
+    """A file from a stranger, opened the way SQLite advises for untrusted files:
+    read-only, unless it is safehold's own spooled copy being rewritten."""
+    db = _connect_file(path, "rw") if writable else _connect_file(path, "ro", immutable=True)
     for pragma in ("trusted_schema = OFF", "cell_size_check = ON", "mmap_size = 0"):
         db.execute(f"PRAGMA {pragma}")
     for limit, value in _UNTRUSTED_LIMITS.items():
@@ -272,9 +356,7 @@ def _keep_journal_mode(upload: Path, live: Path) -> None:
     application's back. Mark the (spooled, private) upload as rollback-journal
     when the live database is; the reverse needs nothing, since SQLite keeps a
     WAL destination in WAL mode itself."""
-    with open(live, "rb") as f:
-        live_wal = f.read(20)[18:19] == bytes([_WAL_VERSION])
-    if live_wal:
+    if _is_wal(_header(live)):
         return
     with open(upload, "r+b") as f:
         f.seek(18)
@@ -283,12 +365,45 @@ def _keep_journal_mode(upload: Path, live: Path) -> None:
             f.write(b"\x01\x01")
 
 
+_ENCODINGS = {1: "UTF-8", 2: "UTF-16le", 3: "UTF-16be"}
+
+
+def _header(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(_HEADER_BYTES)
+
+
+def _page_size(head: bytes) -> int:
+    size = int.from_bytes(head[16:18], "big")
+    return 65536 if size == 1 else size
+
+
+def _is_wal(head: bytes) -> bool:
+    return head[18:19] == bytes([_WAL_VERSION])
+
+
+def _check_encoding(upload: bytes, live: bytes) -> None:
+    """Open connections keep the text encoding they read; a database that
+    changes it under them fails every query ("attached databases must use the
+    same text encoding"). A live file with no header yet takes anything."""
+    if len(live) < _HEADER_BYTES:
+        return
+    ours, theirs = (
+        _ENCODINGS.get(int.from_bytes(h[56:60], "big"), "UTF-8") for h in (live, upload)
+    )
+    if ours != theirs:
+        raise SettingsMismatch(
+            f"the backup's text encoding is {theirs} and the database's is {ours}; the "
+            "application's open connections could not read it. Convert the backup first: "
+            "sqlite3 BACKUP .dump | sqlite3 CONVERTED (a new file is UTF-8), and restore that"
+        )
+
+
 def _check_page_alignment(head: bytes, size: int) -> None:
     """A SQLite file is a whole number of pages; anything else was cut off."""
     if len(head) < _HEADER_BYTES:
         raise NotABackup("the upload is shorter than a SQLite header")
-    page_size = int.from_bytes(head[16:18], "big")
-    page_size = 65536 if page_size == 1 else page_size
+    page_size = _page_size(head)
     if page_size < 512 or page_size & (page_size - 1) or size % page_size:
         raise NotABackup(
             f"the upload is not a whole SQLite database ({size} bytes, page size {page_size}): "

@@ -29,6 +29,7 @@ import psycopg
 
 from safehold.files import atomic_path
 from safehold.formats import SNIFF_BYTES, sniff
+from safehold.server import schema_version
 from safehold.server.config import PostgresTarget
 from safehold.server.engines import (
     CHUNK_BYTES,
@@ -42,6 +43,7 @@ from safehold.server.engines.postgres import compression
 from safehold.server.engines.postgres.archive import DumpHeader, major_of, read_header
 from safehold.server.engines.postgres.ownership import ownership_flags
 from safehold.server.engines.postgres.privileges import restore_blockers
+from safehold.server.engines.postgres.schema_probe import SchemaProbe
 from safehold.server.engines.postgres.script_guard import ScriptGuard, UnsafeScript
 from safehold.server.engines.postgres.session import Replay, TransactionEscaped
 from safehold.server.engines.postgres.tools import (
@@ -59,6 +61,7 @@ from safehold.server.errors import (
     InsufficientPrivilege,
     NotABackup,
     RestoreFailed,
+    SchemaNewer,
     VersionMismatch,
 )
 from safehold.v1 import backup_service_pb2 as pb
@@ -107,6 +110,7 @@ class PostgresEngine:
         password: str,
         lock_timeout: float,
         *,
+        schema_query: str | None = None,
         restore_timeout: float = 0,
     ) -> None:
         self._target = target
@@ -115,6 +119,7 @@ class PostgresEngine:
         self._restore_timeout = restore_timeout
         self._tools = Tools()
         self.compression = compression.for_tools(self._tools)
+        self._schema_queries = schema_version.queries(schema_query)
 
     def info(self) -> EngineInfo:
         with self._connect() as db:
@@ -132,12 +137,25 @@ class PostgresEngine:
             size_bytes=int(row[1]),
             tool_versions={**self._tools.describe(), "psql (minimum)": MINIMUM_PSQL},
             warnings=self.role_warnings(),
+            schema_version=self.live_schema_version().value or "",
             restore_blockers=blockers,
         )
 
     def check(self) -> None:
         with self._connect() as db:
             db.execute("SELECT 1")
+
+    def live_schema_version(self) -> schema_version.SchemaVersion:
+        """The database's schema version, each query read-only in its own
+        transaction, bounded by the lock timeout."""
+        timeout_ms = int(self._lock_timeout * 1000)
+        with self._connect() as db:
+            db.execute("SET default_transaction_read_only = on")
+            db.execute(f"SET lock_timeout = {timeout_ms}".encode())
+            db.execute(f"SET statement_timeout = {timeout_ms}".encode())
+            return schema_version.read(
+                lambda sql: db.execute(sql.encode()).fetchall(), self._schema_queries, psycopg.Error
+            )
 
     def role_warnings(self) -> list[str]:
         """What the role may do beyond its database: a restored dump runs with it."""
@@ -206,10 +224,30 @@ class PostgresEngine:
         argv = self._tools.argv("psql", "-X", "--no-password", "-v", "ON_ERROR_STOP=1")
         archive = header.dump_format != pb.DUMP_FORMAT_PG_PLAIN
         flags = ownership_flags(self._tools, path, self._connect, notify) if archive else []
+        live = self.live_schema_version()
+        probe = SchemaProbe(self._schema_queries)
+        schema_notices: list[Notice] = []
+
+        def approve(printed: str) -> None:
+            """Decide before the COMMIT; SchemaNewer leaves it unwritten (rolled back)."""
+            upload = probe.read(printed)
+            schema_notices.extend(
+                schema_version.judge(upload, live, options.allow_schema_downgrade)
+            )
+
         with child(argv, self._env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE) as psql:
             session = Replay(psql)
             with _deadline(self._restore_timeout, lambda: self._end(psql, session)) as expired:
-                committed = self._replay(psql, session, path, preamble, flags, archive=archive)
+                committed = self._replay(
+                    psql,
+                    session,
+                    path,
+                    preamble,
+                    flags,
+                    archive=archive,
+                    probe=probe,
+                    approve=approve,
+                )
                 code = psql.wait()
             escaped = session.escaped()
             if escaped:
@@ -226,6 +264,8 @@ class PostgresEngine:
             for line in psql.stderr_lines():
                 if line and not any(h in line for h in _HARMLESS_OUTPUT):
                     notify(Notice("ENGINE_OUTPUT", f"psql: {line}"))
+            for notice in schema_notices:
+                notify(notice)
 
     def _replay(
         self,
@@ -236,8 +276,12 @@ class PostgresEngine:
         flags: list[str],
         *,
         archive: bool,
+        probe: SchemaProbe,
+        approve: Callable[[str], None],
     ) -> bool:
-        """Run the whole replay; True when safehold wrote its COMMIT."""
+        """Run the whole replay; True when safehold wrote its COMMIT: after psql
+        reported the upload's schema version from inside the transaction, and
+        approve, given it, did not raise."""
         try:
             session.open(preamble)
             if archive:
@@ -245,10 +289,14 @@ class PostgresEngine:
             else:
                 with open(path, "rb") as script:
                     session.replay(read_chunks(script), archive=False)
+            printed = session.finish(probe.sql(), probe.value())
+            if printed is None:
+                return False  # psql stopped at an error; its exit code and stderr say which
+            approve(printed)
             return session.commit()
         except BrokenPipeError:
             return False  # psql stopped at an error; its exit code and stderr say which
-        except (UnsafeScript, TransactionEscaped, RestoreFailed) as exc:
+        except (UnsafeScript, TransactionEscaped, RestoreFailed, SchemaNewer) as exc:
             self._end(psql, session)
             psql.wait()
             if session.escaped() or isinstance(exc, TransactionEscaped):

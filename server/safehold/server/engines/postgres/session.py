@@ -14,6 +14,10 @@ Three locks keep an upload from doing more than replacing the database:
    after psql has reported, from inside the same transaction id that the
    start marker printed, that everything before it ran.
 
+Before the COMMIT, the end marker can also print a value computed inside the
+transaction (the upload's schema version, schema_probe.py), hex-encoded on the
+marker's own line, so that the engine can still decide not to commit.
+
 So a restore either commits the whole script in one transaction, or fails
 knowing whether the database was touched: `TransactionEscaped` when it was
 (the caller puts the pre-restore backup back), a SafeholdError when it was not.
@@ -30,10 +34,12 @@ from typing import IO
 from safehold.server.engines.postgres.script_guard import ScriptGuard, UnsafeScript
 from safehold.server.engines.processes import Child
 
-_LINE_LIMIT = 4096
-"""A tag or marker line is short; longer output lines (query results) are skipped."""
+_LINE_LIMIT = 16384
+"""A tag or marker line is short (the end marker's value at most some 8 KiB of hex);
+longer output lines (query results) are cut."""
 _ESCAPE_TAGS = frozenset({b"COMMIT", b"ROLLBACK", b"PREPARE TRANSACTION"})
 _XID = re.compile(rb"(\d+)")
+_END = re.compile(rb":(\d+):([0-9a-f]*)")
 
 
 class TransactionEscaped(Exception):
@@ -52,6 +58,7 @@ class _Watcher(threading.Thread):
         self.start_xid: bytes | None = None
         self.backend_pid: int | None = None
         self.end_xid: bytes | None = None
+        self.end_value = b""
         self.escape: bytes | None = None
         self.end_seen = threading.Event()
 
@@ -77,7 +84,9 @@ class _Watcher(threading.Thread):
                 self.backend_pid = int(pid) if pid.isdigit() else None
             return
         if text.startswith(self._end_token):
-            self.end_xid = _xid(text)
+            found = _END.fullmatch(text[len(self._end_token) :])
+            self.end_xid = found.group(1) if found else b"?"
+            self.end_value = found.group(2) if found else b""
             self.end_seen.set()
         elif text in _ESCAPE_TAGS and self.escape is None:
             self.escape = text
@@ -99,6 +108,7 @@ class Replay:
         self._end = f"safehold-end-{secrets.token_hex(16)}"
         self._watcher = _Watcher(psql.stdout, self._start.encode(), self._end.encode())
         self._watcher.start()
+        self._checked = False
 
     def open(self, preamble: str) -> None:
         """Restrict psql, open the transaction and print its id."""
@@ -117,11 +127,16 @@ class Replay:
             self._psql.stdin.write(guard.feed(piece))
         self._psql.stdin.write(guard.finish())
 
-    def commit(self) -> bool:
-        """Commit if, and only if, everything ran inside the transaction that
-        open() started; otherwise leave it uncommitted and say what happened.
-        False when psql stopped at an error before it got this far."""
-        self._write(f"\nSELECT '{self._end}:' || pg_catalog.txid_current();\n")
+    def finish(self, before: str = "", value: str = "''") -> str | None:
+        """Run the SQL before, then print the end marker with the transaction id
+        and the text of the SQL expression value; check that everything ran
+        inside the transaction that open() started, else raise TransactionEscaped.
+        The value; None when psql stopped at an error before it got this far.
+        The transaction stays open: commit() ends it."""
+        self._write(
+            f"\n{before}\nSELECT pg_catalog.concat('{self._end}', ':', pg_catalog.txid_current(), "
+            f"':', pg_catalog.encode(pg_catalog.convert_to({value}, 'UTF8'), 'hex'));\n"
+        )
         self._watcher.end_seen.wait()
         watcher = self._watcher
         if watcher.escape is not None:
@@ -129,9 +144,22 @@ class Replay:
                 f"the upload ended safehold's transaction ({watcher.escape.decode()})"
             )
         if watcher.end_xid is None:
-            return False  # psql stopped at an error before the end marker: its exit code says
+            return None  # psql stopped at an error before the end marker: its exit code says
         if watcher.start_xid is None or watcher.start_xid != watcher.end_xid:
             raise TransactionEscaped("the upload left safehold's transaction")
+        self._checked = True
+        try:
+            return bytes.fromhex(watcher.end_value.decode()).decode(errors="replace")
+        except ValueError:
+            return ""  # cut at the line limit: the value is lost, the check above stands
+
+    def commit(self) -> bool:
+        """Commit if, and only if, finish() (run now, if it was not) found that
+        everything ran inside the transaction that open() started; otherwise leave
+        it uncommitted and say what happened. False when psql stopped at an error
+        before it got this far."""
+        if not self._checked and self.finish() is None:
+            return False
         self._write("COMMIT;\n")
         self._psql.stdin.close()
         return True
