@@ -1,10 +1,17 @@
 # safehold next to a database: the same install steps as README.md.
 FROM python:3.11-slim-bookworm
 
-# pg_dump/pg_restore/psql must be at least the major of the servers they dump:
-# bookworm's client is 15; use a newer base or PGDG packages for newer servers.
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends postgresql-client=15* \
+# Client tools of every PostgreSQL major GameVault runs on, each the newest minor,
+# from the PostgreSQL project's own apt repository (bookworm's client is 15 only, and a
+# pg_dump refuses a newer server). safehold picks, for the server it guards, the tools
+# of its major from /usr/lib/postgresql/*/bin (`safehold info` names them).
+ADD --chmod=644 https://www.postgresql.org/media/keys/ACCC4CF8.asc /etc/apt/keyrings/pgdg.asc
+RUN echo "deb [signed-by=/etc/apt/keyrings/pgdg.asc] https://apt.postgresql.org/pub/repos/apt bookworm-pgdg main" \
+        > /etc/apt/sources.list.d/pgdg.list \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends \
+        postgresql-client-15=15.* postgresql-client-16=16.* \
+        postgresql-client-17=17.* postgresql-client-18=18.* \
     && rm -rf /var/lib/apt/lists/*
 
 RUN groupadd --system --gid 10001 safehold \

@@ -34,7 +34,21 @@ class Script:
     engine: pb.Engine.ValueType = pb.ENGINE_SQLITE
 
 
-class _Servicer(pb_grpc.BackupServiceServicer):
+class WithoutRepository(pb_grpc.BackupServiceServicer):
+    """A fake BackupService's answer to the repository RPCs: it has none."""
+
+    def ListRepositoryBackups(
+        self, request: pb.ListRepositoryBackupsRequest, context: grpc.ServicerContext
+    ) -> pb.ListRepositoryBackupsResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "the fake server has no repository")
+
+    def CreateRepositoryBackup(
+        self, request: pb.CreateRepositoryBackupRequest, context: grpc.ServicerContext
+    ) -> pb.CreateRepositoryBackupResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "the fake server has no repository")
+
+
+class _Servicer(WithoutRepository):
     def __init__(self, script: Script) -> None:
         self.script = script
         self.restores = 0

@@ -115,7 +115,8 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def cluster() -> Iterator[Cluster]:
+def cluster(bindir: Path | None = None) -> Iterator[Cluster]:
+    """A running cluster of bindir's PostgreSQL (default: bin_dir())."""
     user = _os_user()
     root = Path(tempfile.mkdtemp(prefix="safehold-pg-"))
     password = secrets.token_urlsafe(24)
@@ -128,7 +129,7 @@ def cluster() -> Iterator[Cluster]:
         {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []} if user else {}
     )
     env = {"PATH": os.environ.get("PATH", ""), "LANG": "C.UTF-8"}
-    bindir = bin_dir()
+    bindir = bindir or bin_dir()
     subprocess.run(
         [
             str(bindir / "initdb"),

@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import PASSWORD
+from fake_server import WithoutRepository
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from safehold.client import Client, IncompleteBackup
@@ -56,7 +57,7 @@ LIES: dict[str, list[pb.BackupResponse]] = {
 }
 
 
-class LyingService(pb_grpc.BackupServiceServicer):
+class LyingService(WithoutRepository):
     """Sends a manifest (unless told not to), then the frames of one lie."""
 
     def __init__(self, lie: list[pb.BackupResponse], with_manifest: bool) -> None:

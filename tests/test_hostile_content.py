@@ -25,10 +25,10 @@ happen.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +40,7 @@ from pg import Cluster
 from test_postgres import fingerprint
 
 from safehold.client import Client
+from safehold.server.engines.postgres.tools import supports_restrict
 from safehold.v1 import backup_service_pb2 as pb
 
 HEADER = "--\n-- PostgreSQL database dump\n--\n\nSET standard_conforming_strings = on;\n"
@@ -386,11 +387,10 @@ def test_a_role_with_rights_beyond_its_database_is_warned_about(
         server.stop()
 
 
-def test_a_psql_without_restrict_keeps_the_server_from_starting(
-    pg_db: PgDatabase, tmp_path: Path
-) -> None:
+def test_a_psql_without_restrict_is_never_run(pg_db: PgDatabase, tmp_path: Path) -> None:
     """psql 15.13 cannot \\restrict: an upload's meta-commands would have only the lexer
-    in their way, so safehold refuses to run with it and names what to install."""
+    in their way. First on PATH, it is passed over for an installed psql that can; with
+    none that can, safehold refuses to run (test_no_psql_with_restrict_is_refused)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for tool in ("pg_dump", "pg_restore"):
@@ -398,23 +398,17 @@ def test_a_psql_without_restrict_keeps_the_server_from_starting(
     fake = bin_dir / "psql"
     fake.write_text("#!/bin/sh\necho 'psql (PostgreSQL) 15.13 (Debian 15.13-0+deb12u1)'\n")
     fake.chmod(0o755)
-    env = {
-        "PATH": f"{bin_dir}:/usr/bin:/bin",
-        "SAFEHOLD_DATABASE_URL": pg_db.url,
-        "SAFEHOLD_PASSWORD": pg_db.password,
-        "SAFEHOLD_DATA_DIR": str(tmp_path / "data"),
-    }
-    run = subprocess.run(
-        [str(Path(sys.executable).parent / "safehold"), "serve", "--listen", "127.0.0.1:0"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    server = start_server(
+        tmp_path, pg_db.url, pg_db.password, env={"PATH": f"{bin_dir}:/usr/bin:/bin"}
     )
-    assert run.returncode != 0
-    assert "psql 15.13 cannot restrict" in run.stderr + run.stdout
-    assert "15.14" in run.stderr + run.stdout
+    try:
+        info = run_cli("info", "--json", env=server.client_env())
+    finally:
+        server.stop()
+    assert info.returncode == 0, info.stderr
+    tools = json.loads(info.stdout)["tool_versions"]
+    assert tools["psql path"] != str(fake) and tools["psql"] != "15.13"
+    assert supports_restrict(tools["psql"])
 
 
 def test_a_dump_that_sleeps_cannot_hold_the_database(victim: PgDatabase, tmp_path: Path) -> None:

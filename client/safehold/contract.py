@@ -71,6 +71,8 @@ class Reason(enum.StrEnum):
     SETTINGS_MISMATCH = "SETTINGS_MISMATCH"
     """The backup was made with a setting the live database cannot take in place
     (e.g. another SQLite text encoding); the message says which and what to do."""
+    NO_REPOSITORY = "NO_REPOSITORY"
+    REPOSITORY_FAILED = "REPOSITORY_FAILED"
     INTERNAL = "INTERNAL"
     # Raised by the client itself, before anything is sent:
     FILE_NOT_READABLE = "FILE_NOT_READABLE"

@@ -5,32 +5,14 @@
 //   SAFEHOLD_TARGET=127.0.0.1:50051 SAFEHOLD_PASSWORD=... node examples/node/backup.mjs out.sqlite
 import { createHash } from "node:crypto";
 import { createWriteStream, renameSync, rmSync } from "node:fs";
-import path from "node:path";
-import { fileURLToPath } from "node:url";
-import grpc from "@grpc/grpc-js";
-import protoLoader from "@grpc/proto-loader";
-
-const here = path.dirname(fileURLToPath(import.meta.url));
-const definition = protoLoader.loadSync("safehold/v1/backup_service.proto", {
-  includeDirs: [path.join(here, "..", "..", "protos")],
-  keepCase: true,
-  longs: String,
-  enums: String,
-  defaults: true,
-  oneofs: true,
-});
-const { safehold } = grpc.loadPackageDefinition(definition);
+import { connect, describe } from "./connect.mjs";
 
 const dest = process.argv[2];
-const password = process.env.SAFEHOLD_PASSWORD;
-if (!dest || !password) {
+if (!dest) {
   console.error("usage: SAFEHOLD_PASSWORD=... node backup.mjs DEST");
   process.exit(2);
 }
-const target = process.env.SAFEHOLD_TARGET ?? "127.0.0.1:50051";
-const client = new safehold.v1.BackupService(target, grpc.credentials.createInsecure());
-const metadata = new grpc.Metadata();
-metadata.set("x-database-password", password);
+const { client, metadata } = connect("node backup.mjs DEST");
 
 const partial = `${dest}.partial`;
 const out = createWriteStream(partial, { mode: 0o600 });
@@ -61,7 +43,7 @@ call.on("data", (response) => {
     trailer = response.trailer;
   }
 });
-call.on("error", (err) => fail(`${err.details} (${grpc.status[err.code]})`));
+call.on("error", (err) => fail(describe(err)));
 call.on("end", () => {
   out.end(() => {
     const digest = hash.digest();

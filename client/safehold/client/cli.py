@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     """Run a verb: the repository verbs (list, prune, verify) need no server."""
     offline: Callable[[argparse.Namespace], int] | None = getattr(args, "offline", None)
-    if offline:
+    if offline and not (args.verb == "list" and args.repository is None):
         return offline(args)
     with Client(
         args.target,
@@ -66,6 +66,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _backup(client: Client, args: argparse.Namespace) -> int:
+    if args.now:
+        return _backup_now(client)
     progress = _progress_display()
     if repository_cli.wants_repository(args):
         line = repository_cli.backup(client, args, progress)
@@ -84,6 +86,27 @@ def _backup(client: Client, args: argparse.Namespace) -> int:
         f"backup of {result.database_name} ({result.engine} {result.engine_version}) "
         f"saved to {result.path}: {result.size_bytes} bytes, sha256 {result.sha256}",
         file=sys.stderr if destination.kind is output.Kind.STREAM else sys.stdout,
+    )
+    return 0
+
+
+def _backup_now(client: Client) -> int:
+    """The server takes a backup into its own repository, as a scheduled run does."""
+    result = client.backup_now()
+    m = result.manifest
+    say(
+        f"backup of {m.database_name} ({m.engine} {m.engine_version}) saved by the server "
+        f"to {result.repository}/{m.name}: {m.size_bytes} bytes, sha256 {m.sha256}"
+        f"{', age-encrypted' if m.encrypted else ''}; verified; "
+        f"{result.backups_in_repository} backups in the repository, {result.pruned} pruned"
+    )
+    return 0
+
+
+def _list_server(client: Client, args: argparse.Namespace) -> int:
+    """`list` without a repository: the server's own, over the contract."""
+    repository_cli.show_backups(
+        client.repository_backups(args.database), as_json=args.json, line=say
     )
     return 0
 
@@ -322,6 +345,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     repository_cli.add_backup_options(backup)
     backup.add_argument(
+        "--now",
+        action="store_true",
+        help="have the server take a backup into its own repository (serve --repository) "
+        "now, encrypted, verified and pruned as its scheduled runs are; -o does not apply",
+    )
+    backup.add_argument(
         "--compression-level",
         type=int,
         choices=range(10),
@@ -356,7 +385,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     restore.set_defaults(run=_restore)
 
-    repository_cli.add_verbs(verbs)
+    repository_cli.add_verbs(verbs, [client_options])
+    verbs.choices["list"].set_defaults(run=_list_server)
 
     info = verbs.add_parser(
         "info", parents=[client_options], allow_abbrev=False, help="describe the server"

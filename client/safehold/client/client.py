@@ -130,6 +130,16 @@ class RestoreResult:
     notices: list[tuple[str, str]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class RepositoryBackupResult:
+    """A backup the server took into its own repository (CreateRepositoryBackup)."""
+
+    manifest: Manifest
+    repository: str
+    backups_in_repository: int
+    pruned: int
+
+
 ProgressCallback = Callable[[Progress], None]
 Opener = Callable[[], contextlib.AbstractContextManager[BinaryIO]]
 """Opens the bytes to restore, from the start, each time it is called."""
@@ -201,6 +211,57 @@ class Client:
             )
 
         return self._retrying(call)
+
+    def repository_backups(
+        self, database: str | None = None, *, page_size: int = 100
+    ) -> Iterator[Manifest]:
+        """The backups in the server's own repository (`serve --repository`), newest
+        first, fetched a page at a time as the iterator is consumed."""
+        token = ""
+        while True:
+            request = pb.ListRepositoryBackupsRequest(
+                page_size=page_size, page_token=token, database_name=database or ""
+            )
+
+            def call(
+                request: pb.ListRepositoryBackupsRequest = request,
+            ) -> pb.ListRepositoryBackupsResponse:
+                self._wait_until_connected()
+                return self._call(
+                    lambda: self._stub.ListRepositoryBackups(
+                        request, metadata=self._metadata, timeout=120
+                    )
+                )
+
+            reply: pb.ListRepositoryBackupsResponse = self._retrying(call)
+            yield from (manifest_of(entry) for entry in reply.backups)
+            token = reply.next_page_token
+            if not token:
+                return
+
+    def backup_now(self, *, timeout: float = 24 * 3600) -> RepositoryBackupResult:
+        """Have the server take a backup into its own repository now, as its scheduled
+        runs do (encrypted, verified, retention applied). Not retried once sent: the
+        server may have stored it."""
+        self._wait_until_connected()
+        reply = self._call(
+            lambda: self._stub.CreateRepositoryBackup(
+                pb.CreateRepositoryBackupRequest(), metadata=self._metadata, timeout=timeout
+            )
+        )
+        listed = self._call(
+            lambda: self._stub.ListRepositoryBackups(
+                pb.ListRepositoryBackupsRequest(page_size=1),
+                metadata=self._metadata,
+                timeout=120,
+            )
+        )
+        return RepositoryBackupResult(
+            manifest=manifest_of(reply.backup),
+            repository=listed.repository,
+            backups_in_repository=reply.backups_in_repository,
+            pruned=reply.pruned,
+        )
 
     def backup(
         self,
@@ -627,6 +688,27 @@ def _iterate(responses: Iterator[T]) -> Iterator[T]:
         yield from responses
     except grpc.RpcError as err:
         raise from_rpc_error(err) from None
+
+
+def manifest_of(entry: pb.RepositoryBackup) -> Manifest:
+    """A RepositoryBackup of the contract as the repository package's Manifest."""
+    from safehold.repository import Manifest
+
+    return Manifest(
+        name=entry.name,
+        engine=engine_label(entry.engine),
+        engine_version=entry.engine_version,
+        dump_format=pb.DumpFormat.Name(entry.dump_format),
+        database_name=entry.database_name,
+        created_at=entry.created_at.ToDatetime(tzinfo=UTC),
+        safehold_version=entry.safehold_version,
+        size_bytes=entry.artefact.size_bytes,
+        sha256=entry.artefact.sha256.hex(),
+        stored_size_bytes=entry.stored.size_bytes,
+        stored_sha256=entry.stored.sha256.hex(),
+        encryption=entry.encryption,
+        schema_version=entry.schema_version or None,
+    )
 
 
 def _safe_to_retry(exc: BaseException) -> bool:

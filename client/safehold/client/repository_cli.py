@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -96,16 +96,22 @@ def restorer(args: argparse.Namespace, client: Client) -> tuple[str, Restorer]:
 
 def list_backups(args: argparse.Namespace) -> int:
     repository = open_repository(args.repository)
-    backups = repository.backups(args.database)
-    if args.json:
+    show_backups(repository.backups(args.database), as_json=args.json)
+    return 0
+
+
+def show_backups(
+    backups: Iterable[Manifest], *, as_json: bool, line: Callable[[str], None] = print
+) -> None:
+    """One line per backup (line() may escape what a server sent), or a JSON list."""
+    if as_json:
         print(json.dumps([_as_json(m) for m in backups], indent=2))
-        return 0
+        return
     for m in backups:
-        print(
+        line(
             f"{m.created_at:%Y-%m-%d %H:%M:%S}Z  {m.database_name:<16} {m.engine:<10} "
             f"{m.size_bytes:>12}  {'age ' if m.encrypted else '    '} {m.name}"
         )
-    return 0
 
 
 def _as_json(manifest: Manifest) -> dict[str, object]:
@@ -175,11 +181,21 @@ def _verify_one(
     return f"; {how} passed"
 
 
-def add_verbs(verbs: Any) -> None:
+def add_verbs(verbs: Any, client_options: Sequence[argparse.ArgumentParser] = ()) -> None:
     """list, prune and verify, which talk to no server; the repository options of
     backup and restore are in add_backup_options and add_restore_options."""
-    listing = verbs.add_parser("list", allow_abbrev=False, help="list a repository's backups")
-    listing.add_argument("repository", help="a directory or s3://bucket/prefix")
+    listing = verbs.add_parser(
+        "list",
+        parents=list(client_options),
+        allow_abbrev=False,
+        help="list a repository's backups, or the server's own repository's",
+    )
+    listing.add_argument(
+        "repository",
+        nargs="?",
+        help="a directory or s3://bucket/prefix; without it, the server's own repository "
+        "(serve --repository), asked over --target",
+    )
     listing.add_argument("--database", help="only this database's backups")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(offline=list_backups)

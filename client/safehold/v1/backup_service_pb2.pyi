@@ -612,3 +612,184 @@ class GetServerInfoResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetServerInfoResponse: _TypeAlias = GetServerInfoResponse  # noqa: Y015
+
+@_typing.final
+class RepositoryBackup(_message.Message):
+    """RepositoryBackup is one complete backup in a repository: the fields of its
+    manifest (`NAME.manifest.json`).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
+    ENGINE_VERSION_FIELD_NUMBER: _builtins.int
+    DUMP_FORMAT_FIELD_NUMBER: _builtins.int
+    DATABASE_NAME_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    SAFEHOLD_VERSION_FIELD_NUMBER: _builtins.int
+    ARTEFACT_FIELD_NUMBER: _builtins.int
+    STORED_FIELD_NUMBER: _builtins.int
+    ENCRYPTION_FIELD_NUMBER: _builtins.int
+    SCHEMA_VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The stored object's name inside the repository."""
+    engine: Global___Engine.ValueType
+    """Engine the backup is for."""
+    engine_version: _builtins.str
+    """Version of the database server (PostgreSQL) or library (SQLite)."""
+    dump_format: Global___DumpFormat.ValueType
+    """How the engine's artefact is encoded."""
+    database_name: _builtins.str
+    """Name of the database backed up."""
+    safehold_version: _builtins.str
+    """Version of the safehold server that took it."""
+    encryption: _builtins.str
+    """"none", or "age" when the object is age-encrypted."""
+    schema_version: _builtins.str
+    """The application's schema version, when the manifest records one."""
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When the snapshot was taken."""
+
+    @_builtins.property
+    def artefact(self) -> Global___Digest:
+        """Size and SHA-256 of the engine's artefact (the plaintext)."""
+
+    @_builtins.property
+    def stored(self) -> Global___Digest:
+        """Size and SHA-256 of the stored object (the ciphertext when encrypted)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        engine: Global___Engine.ValueType = ...,
+        engine_version: _builtins.str = ...,
+        dump_format: Global___DumpFormat.ValueType = ...,
+        database_name: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        safehold_version: _builtins.str = ...,
+        artefact: Global___Digest | None = ...,
+        stored: Global___Digest | None = ...,
+        encryption: _builtins.str = ...,
+        schema_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["artefact", b"artefact", "created_at", b"created_at", "stored", b"stored"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artefact", b"artefact", "created_at", b"created_at", "database_name", b"database_name", "dump_format", b"dump_format", "encryption", b"encryption", "engine", b"engine", "engine_version", b"engine_version", "name", b"name", "safehold_version", b"safehold_version", "schema_version", b"schema_version", "stored", b"stored"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RepositoryBackup: _TypeAlias = RepositoryBackup  # noqa: Y015
+
+@_typing.final
+class ListRepositoryBackupsRequest(_message.Message):
+    """ListRepositoryBackupsRequest asks for one page of the repository's backups."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    DATABASE_NAME_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Most backups in one reply; 0 means 50, and more than 1000 is read as 1000."""
+    page_token: _builtins.str
+    """The next_page_token of the previous reply; empty for the first page."""
+    database_name: _builtins.str
+    """Only backups of this database; empty for all."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        database_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["database_name", b"database_name", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRepositoryBackupsRequest: _TypeAlias = ListRepositoryBackupsRequest  # noqa: Y015
+
+@_typing.final
+class ListRepositoryBackupsResponse(_message.Message):
+    """ListRepositoryBackupsResponse is one page, newest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BACKUPS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    REPOSITORY_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty on the last page."""
+    repository: _builtins.str
+    """Where the repository is (a directory, or s3://bucket/prefix)."""
+    @_builtins.property
+    def backups(self) -> _containers.RepeatedCompositeFieldContainer[Global___RepositoryBackup]:
+        """The backups of this page."""
+
+    def __init__(
+        self,
+        *,
+        backups: _abc.Iterable[Global___RepositoryBackup] | None = ...,
+        next_page_token: _builtins.str = ...,
+        repository: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backups", b"backups", "next_page_token", b"next_page_token", "repository", b"repository"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRepositoryBackupsResponse: _TypeAlias = ListRepositoryBackupsResponse  # noqa: Y015
+
+@_typing.final
+class CreateRepositoryBackupRequest(_message.Message):
+    """CreateRepositoryBackupRequest asks for a repository backup now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateRepositoryBackupRequest: _TypeAlias = CreateRepositoryBackupRequest  # noqa: Y015
+
+@_typing.final
+class CreateRepositoryBackupResponse(_message.Message):
+    """CreateRepositoryBackupResponse describes the backup taken."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BACKUP_FIELD_NUMBER: _builtins.int
+    BACKUPS_IN_REPOSITORY_FIELD_NUMBER: _builtins.int
+    PRUNED_FIELD_NUMBER: _builtins.int
+    backups_in_repository: _builtins.int
+    """Complete backups in the repository after the retention policy ran."""
+    pruned: _builtins.int
+    """Backups the retention policy removed."""
+    @_builtins.property
+    def backup(self) -> Global___RepositoryBackup:
+        """The new backup's entry, as ListRepositoryBackups shows it."""
+
+    def __init__(
+        self,
+        *,
+        backup: Global___RepositoryBackup | None = ...,
+        backups_in_repository: _builtins.int = ...,
+        pruned: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backup", b"backup"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup", b"backup", "backups_in_repository", b"backups_in_repository", "pruned", b"pruned"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateRepositoryBackupResponse: _TypeAlias = CreateRepositoryBackupResponse  # noqa: Y015

@@ -50,6 +50,16 @@ class BackupServiceStub:
                 request_serializer=safehold_dot_v1_dot_backup__service__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=safehold_dot_v1_dot_backup__service__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
+        self.ListRepositoryBackups = channel.unary_unary(
+                '/safehold.v1.BackupService/ListRepositoryBackups',
+                request_serializer=safehold_dot_v1_dot_backup__service__pb2.ListRepositoryBackupsRequest.SerializeToString,
+                response_deserializer=safehold_dot_v1_dot_backup__service__pb2.ListRepositoryBackupsResponse.FromString,
+                _registered_method=True)
+        self.CreateRepositoryBackup = channel.unary_unary(
+                '/safehold.v1.BackupService/CreateRepositoryBackup',
+                request_serializer=safehold_dot_v1_dot_backup__service__pb2.CreateRepositoryBackupRequest.SerializeToString,
+                response_deserializer=safehold_dot_v1_dot_backup__service__pb2.CreateRepositoryBackupResponse.FromString,
+                _registered_method=True)
 
 
 class BackupServiceServicer:
@@ -82,6 +92,25 @@ class BackupServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListRepositoryBackups(self, request, context):
+        """ListRepositoryBackups lists the complete backups in the server's own
+        repository (`serve --repository`), newest first, a page at a time.
+        FAILED_PRECONDITION (NO_REPOSITORY) when the server has none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateRepositoryBackup(self, request, context):
+        """CreateRepositoryBackup takes a backup into the server's repository now,
+        exactly as a scheduled run does (encrypted when the server has
+        recipients, verified, then the retention policy applied), and returns its
+        entry. It waits for a scheduled run under way rather than overlap it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BackupServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -99,6 +128,16 @@ def add_BackupServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=safehold_dot_v1_dot_backup__service__pb2.GetServerInfoRequest.FromString,
                     response_serializer=safehold_dot_v1_dot_backup__service__pb2.GetServerInfoResponse.SerializeToString,
+            ),
+            'ListRepositoryBackups': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRepositoryBackups,
+                    request_deserializer=safehold_dot_v1_dot_backup__service__pb2.ListRepositoryBackupsRequest.FromString,
+                    response_serializer=safehold_dot_v1_dot_backup__service__pb2.ListRepositoryBackupsResponse.SerializeToString,
+            ),
+            'CreateRepositoryBackup': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateRepositoryBackup,
+                    request_deserializer=safehold_dot_v1_dot_backup__service__pb2.CreateRepositoryBackupRequest.FromString,
+                    response_serializer=safehold_dot_v1_dot_backup__service__pb2.CreateRepositoryBackupResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -183,6 +222,60 @@ class BackupService:
             '/safehold.v1.BackupService/GetServerInfo',
             safehold_dot_v1_dot_backup__service__pb2.GetServerInfoRequest.SerializeToString,
             safehold_dot_v1_dot_backup__service__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRepositoryBackups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/safehold.v1.BackupService/ListRepositoryBackups',
+            safehold_dot_v1_dot_backup__service__pb2.ListRepositoryBackupsRequest.SerializeToString,
+            safehold_dot_v1_dot_backup__service__pb2.ListRepositoryBackupsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateRepositoryBackup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/safehold.v1.BackupService/CreateRepositoryBackup',
+            safehold_dot_v1_dot_backup__service__pb2.CreateRepositoryBackupRequest.SerializeToString,
+            safehold_dot_v1_dot_backup__service__pb2.CreateRepositoryBackupResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,17 @@ class BackupServiceStub:
     """GetServerInfo describes the engine and database this server guards, so a
     client can check a backup's engine before it uploads a byte.
     """
+    ListRepositoryBackups: _grpc.UnaryUnaryMultiCallable[_backup_service_pb2.ListRepositoryBackupsRequest, _backup_service_pb2.ListRepositoryBackupsResponse]
+    """ListRepositoryBackups lists the complete backups in the server's own
+    repository (`serve --repository`), newest first, a page at a time.
+    FAILED_PRECONDITION (NO_REPOSITORY) when the server has none.
+    """
+    CreateRepositoryBackup: _grpc.UnaryUnaryMultiCallable[_backup_service_pb2.CreateRepositoryBackupRequest, _backup_service_pb2.CreateRepositoryBackupResponse]
+    """CreateRepositoryBackup takes a backup into the server's repository now,
+    exactly as a scheduled run does (encrypted when the server has
+    recipients, verified, then the retention policy applied), and returns its
+    entry. It waits for a scheduled run under way rather than overlap it.
+    """
 
 @_typing.type_check_only
 class BackupServiceAsyncStub(BackupServiceStub):
@@ -72,6 +83,17 @@ class BackupServiceAsyncStub(BackupServiceStub):
     GetServerInfo: _aio.UnaryUnaryMultiCallable[_backup_service_pb2.GetServerInfoRequest, _backup_service_pb2.GetServerInfoResponse]  # type: ignore[assignment]
     """GetServerInfo describes the engine and database this server guards, so a
     client can check a backup's engine before it uploads a byte.
+    """
+    ListRepositoryBackups: _aio.UnaryUnaryMultiCallable[_backup_service_pb2.ListRepositoryBackupsRequest, _backup_service_pb2.ListRepositoryBackupsResponse]  # type: ignore[assignment]
+    """ListRepositoryBackups lists the complete backups in the server's own
+    repository (`serve --repository`), newest first, a page at a time.
+    FAILED_PRECONDITION (NO_REPOSITORY) when the server has none.
+    """
+    CreateRepositoryBackup: _aio.UnaryUnaryMultiCallable[_backup_service_pb2.CreateRepositoryBackupRequest, _backup_service_pb2.CreateRepositoryBackupResponse]  # type: ignore[assignment]
+    """CreateRepositoryBackup takes a backup into the server's repository now,
+    exactly as a scheduled run does (encrypted when the server has
+    recipients, verified, then the retention policy applied), and returns its
+    entry. It waits for a scheduled run under way rather than overlap it.
     """
 
 class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -107,6 +129,29 @@ class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_backup_service_pb2.GetServerInfoResponse, _abc.Awaitable[_backup_service_pb2.GetServerInfoResponse]]:
         """GetServerInfo describes the engine and database this server guards, so a
         client can check a backup's engine before it uploads a byte.
+        """
+
+    @_abc_1.abstractmethod
+    def ListRepositoryBackups(
+        self,
+        request: _backup_service_pb2.ListRepositoryBackupsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_backup_service_pb2.ListRepositoryBackupsResponse, _abc.Awaitable[_backup_service_pb2.ListRepositoryBackupsResponse]]:
+        """ListRepositoryBackups lists the complete backups in the server's own
+        repository (`serve --repository`), newest first, a page at a time.
+        FAILED_PRECONDITION (NO_REPOSITORY) when the server has none.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateRepositoryBackup(
+        self,
+        request: _backup_service_pb2.CreateRepositoryBackupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_backup_service_pb2.CreateRepositoryBackupResponse, _abc.Awaitable[_backup_service_pb2.CreateRepositoryBackupResponse]]:
+        """CreateRepositoryBackup takes a backup into the server's repository now,
+        exactly as a scheduled run does (encrypted when the server has
+        recipients, verified, then the retention policy applied), and returns its
+        entry. It waits for a scheduled run under way rather than overlap it.
         """
 
 def add_BackupServiceServicer_to_server(servicer: BackupServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

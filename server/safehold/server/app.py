@@ -31,6 +31,7 @@ from safehold.server.config import Config, SqliteTarget
 from safehold.server.engines import open_engine
 from safehold.server.errors import SafeholdError
 from safehold.server.health_watch import DatabaseHealth
+from safehold.server.keeper import Keeper
 from safehold.server.metrics import Metrics
 from safehold.server.servicer import BackupServicer
 from safehold.server.spool import check_writable, remove_leftovers
@@ -79,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     server.start()
+    if servicer.keeper:
+        servicer.keeper.start()
     if config.tls is None and _all_interfaces(config.listen):
         log.warning(
             "listening on all interfaces without TLS: passwords and backups cross the "
@@ -99,7 +102,9 @@ def run(args: argparse.Namespace) -> int:
     database_health.enter_graceful_shutdown()
     servicer.begin_shutdown()
     started = time.monotonic()
-    servicer.wait_idle(grace)
+    if servicer.keeper:
+        servicer.keeper.stop(grace)
+    servicer.wait_idle(max(0.0, grace - (time.monotonic() - started)))
     server.stop(max(0.0, grace - (time.monotonic() - started))).wait()
     log.info("stopped")
     return 0
@@ -128,6 +133,8 @@ def build(config: Config) -> tuple[grpc.Server, BackupServicer, DatabaseHealth, 
         metrics_port = metrics.serve(config.metrics_listen)
         log.info("metrics on %s (port %d)", config.metrics_listen, metrics_port)
     servicer = BackupServicer(engine, config, metrics)
+    if config.repository:
+        servicer.keeper = Keeper(config.repository, servicer, metrics.registry)
     pb_grpc.add_BackupServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
+from safehold.server import schedule
+
 log = logging.getLogger(__name__)
 N = TypeVar("N", int, float)
 
@@ -96,6 +98,7 @@ class Config:
     health_listen: str | None = None
     health_interval_seconds: float = 10.0
     """How often BackupService's health probes the database."""
+    repository: schedule.RepositorySettings | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -223,6 +226,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="log JSON lines " + env % "SAFEHOLD_LOG_JSON",
     )
+    schedule.add_arguments(parser)
 
 
 def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Config:
@@ -314,7 +318,17 @@ def load(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> C
         health_interval_seconds=_health_interval(pick(args.health_interval, "HEALTH_INTERVAL")),
         schema_version_query=pick(args.schema_version_query, "SCHEMA_VERSION_QUERY")
         or (TYPEORM_SCHEMA_QUERY if gamevault_url else None),
+        repository=_repository_settings(args, environ),
     )
+
+
+def _repository_settings(
+    args: argparse.Namespace, environ: Mapping[str, str]
+) -> schedule.RepositorySettings | None:
+    try:
+        return schedule.load(args, environ)
+    except schedule.ScheduleError as err:
+        raise ConfigError(str(err)) from None
 
 
 def parse_database_url(url: str) -> tuple[PostgresTarget | SqliteTarget, str | None]:

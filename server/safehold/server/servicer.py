@@ -45,6 +45,8 @@ from safehold.server.errors import (
     UploadTooLarge,
 )
 from safehold.server.gate import ReadWriteGate
+from safehold.server.keeper import Keeper, NoRepository
+from safehold.server.listing import entry, page
 from safehold.server.logs import request_id
 from safehold.server.metrics import Metrics
 from safehold.server.pre_restore import PreRestoreHistory
@@ -152,6 +154,8 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
         self._backup_slots = threading.BoundedSemaphore(config.max_concurrent_backups)
         self._gate = ReadWriteGate()
         self._stopping = threading.Event()
+        self.keeper: Keeper | None = None
+        """The server's repository (--repository), set by app.build()."""
         self.pre_restore = PreRestoreHistory.from_setting(
             config.pre_restore_path, config.data_dir, engine.file_suffix, config.keep_pre_restore
         )
@@ -201,15 +205,11 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
         level = request.compression_level if request.HasField("compression_level") else None
         if level is not None and not 0 <= level <= 9:
             raise InvalidRequest(f"compression_level must be 0-9, not {level}")
-        if not self._backup_slots.acquire(blocking=False):
-            raise TooManyBackups(
-                f"{self._config.max_concurrent_backups} backups are already running "
-                "(--max-concurrent-backups); retry when one has finished"
-            )
         sent = [0]
         stall = StallWatchdog(context, self._config.stall_timeout_seconds)
         try:
-            yield from stall.watch(self._stream_backup(level, sent))
+            with self._backup_slot():
+                yield from stall.watch(self._stream_backup(level, sent))
         except GeneratorExit:
             log.warning(
                 "backup %s after %d bytes; its snapshot was ended",
@@ -217,8 +217,71 @@ class BackupServicer(pb_grpc.BackupServiceServicer):
                 sent[0],
             )
             raise
+
+    @contextlib.contextmanager
+    def _backup_slot(self) -> Iterator[None]:
+        """One of --max-concurrent-backups places, or TooManyBackups at once."""
+        if not self._backup_slots.acquire(blocking=False):
+            raise TooManyBackups(
+                f"{self._config.max_concurrent_backups} backups are already running "
+                "(--max-concurrent-backups); retry when one has finished"
+            )
+        try:
+            yield
         finally:
             self._backup_slots.release()
+
+    @contextlib.contextmanager
+    def backup_frames(self) -> Iterator[Iterator[pb.BackupResponse]]:
+        """The Backup RPC's frames for a caller in this process (the repository keeper):
+        the same backup slots, read gate, engine path and shutdown refusal."""
+        self._refuse_when_stopping()
+        with self._backup_slot():
+            frames = self._stream_backup(None, [0])
+            try:
+                # In process, the final frame needs no holding back (see Last).
+                yield (f.message if isinstance(f, Last) else f for f in frames)
+            finally:
+                frames.close()
+
+    def database_name(self) -> str:
+        return self._engine.info().database_name
+
+    def ListRepositoryBackups(
+        self, request: pb.ListRepositoryBackupsRequest, context: grpc.ServicerContext
+    ) -> pb.ListRepositoryBackupsResponse:
+        reply: pb.ListRepositoryBackupsResponse = next(self._list_backups(request, context))
+        return reply
+
+    @_serves(None)
+    def _list_backups(
+        self, request: pb.ListRepositoryBackupsRequest, context: grpc.ServicerContext
+    ) -> Generator[pb.ListRepositoryBackupsResponse, None, None]:
+        yield page(self._keeper().repository, request)
+
+    def CreateRepositoryBackup(
+        self, request: pb.CreateRepositoryBackupRequest, context: grpc.ServicerContext
+    ) -> pb.CreateRepositoryBackupResponse:
+        reply: pb.CreateRepositoryBackupResponse = next(self._backup_now(request, context))
+        return reply
+
+    @_serves("repository_backup")
+    def _backup_now(
+        self, request: pb.CreateRepositoryBackupRequest, context: grpc.ServicerContext
+    ) -> Generator[pb.CreateRepositoryBackupResponse, None, None]:
+        result = self._keeper().run_now(self._config.lock_timeout_seconds)
+        yield pb.CreateRepositoryBackupResponse(
+            backup=entry(result.manifest),
+            backups_in_repository=result.backups_in_repository,
+            pruned=result.pruned,
+        )
+
+    def _keeper(self) -> Keeper:
+        if self.keeper is None:
+            raise NoRepository(
+                "this server has no repository: start it with --repository (SAFEHOLD_REPOSITORY)"
+            )
+        return self.keeper
 
     def _stream_backup(
         self, level: int | None, sent: list[int]

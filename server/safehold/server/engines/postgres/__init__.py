@@ -128,11 +128,14 @@ class PostgresEngine:
             ).fetchone()
             blockers = restore_blockers(db)
         assert row is not None
+        version = str(row[0]).split()[0]
+        if self._tools.select_for(version):
+            self.compression = compression.for_tools(self._tools)
         return EngineInfo(
-            version=str(row[0]).split()[0],
+            version=version,
             database_name=self._target.dbname,
             size_bytes=int(row[1]),
-            tool_versions={**self._tools.versions, "psql (minimum)": MINIMUM_PSQL},
+            tool_versions={**self._tools.describe(), "psql (minimum)": MINIMUM_PSQL},
             warnings=self.role_warnings(),
             schema_version=self.live_schema_version().value or "",
             restore_blockers=blockers,
