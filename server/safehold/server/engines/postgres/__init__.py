@@ -458,15 +458,25 @@ class PostgresEngine:
             )
 
     def _terminate_other_sessions(self, notify: Notify) -> None:
-        with self._connect() as db:
-            ended = db.execute(
-                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            ).fetchone()
-        count = int(ended[0]) if ended else 0
+        """End the other sessions on the database that this role may end (its own
+        roles'; a superuser's it may not), before anything is written."""
+        try:
+            with self._connect() as db:
+                row = db.execute(
+                    "SELECT count(*) FILTER (WHERE mine AND pg_catalog.pg_terminate_backend(pid)),"
+                    " count(*) FILTER (WHERE NOT mine) FROM (SELECT pid, "
+                    "pg_catalog.pg_has_role(current_user, usesysid, 'MEMBER') AS mine "
+                    "FROM pg_catalog.pg_stat_activity WHERE datname = current_database() "
+                    "AND pid <> pg_catalog.pg_backend_pid() AND usesysid IS NOT NULL) s"
+                ).fetchone()
+        except psycopg.Error as exc:
+            raise DatabaseBusy(f"cannot end the other sessions on the database: {exc}") from None
+        ended, others = (int(row[0]), int(row[1])) if row else (0, 0)
+        left = f"; {others} session(s) of other roles were left alone" if others else ""
         notify(
             Notice(
-                "SESSIONS_TERMINATED", f"ended {count} other session(s) on the database, as asked"
+                "SESSIONS_TERMINATED",
+                f"ended {ended} other session(s) on the database, as asked{left}",
             )
         )
 
