@@ -19,6 +19,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import IO
 
 _STDERR_TAIL_LINES = 200
+_STDERR_LINE_BYTES = 4096
+"""A longer line (psql can echo a statement of an upload) is kept in pieces of this size."""
 _PIPE_BYTES = 1024 * 1024
 """Pipes this wide let a child run a whole chunk ahead of the copy loop."""
 _SETPRIV = shutil.which("setpriv")
@@ -54,7 +56,8 @@ class Child:
 
     def _collect(self) -> None:
         assert self.process.stderr is not None
-        for raw in self.process.stderr:
+        stderr = self.process.stderr
+        while raw := stderr.readline(_STDERR_LINE_BYTES):
             self._stderr.append(raw.decode("utf-8", "replace").rstrip())
 
 
